@@ -1,0 +1,1 @@
+"""Shared foundations: config, run store, manifests. Imports neither `worker` nor `orchestrator`."""

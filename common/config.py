@@ -1,0 +1,330 @@
+"""Typed run configuration: one pydantic model per component, composed into `RunConfig`.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+The config is resolved once on the driver (preset -> YAML file -> `--set` overrides), validated,
+fingerprinted and written to `run.json`; components receive only their own section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Known sizes of the built-in sources, so that cross-field checks can run before any data is read.
+BUILTIN_SIZES = {"builtin:digits": 1797}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(Strict):
+    source: str = Field("builtin:digits", description="Local path or fsspec URL of an image folder or tar shards, or builtin:digits|shapes|gmm.")
+    image_size: int = Field(8, ge=1, description="Images are resized (shorter side) and centre-cropped to this square size, in pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; every decoded image is converted to this.")
+    max_items: int | None = Field(None, ge=1, description="Use at most this many items (in discovery order); None = all.")
+    label_source: Literal["none", "folder", "file", "builtin"] = Field("builtin", description="Where class labels come from.")
+    labels_file: str | None = Field(None, description="labels.jsonl or labels.csv (key,label) relative to the source, for label_source=file.")
+    captions: bool = Field(False, description="Read captions (sibling .txt, or .txt/.json in tar shards).")
+    duplicate_policy: Literal["keep", "quarantine"] = Field("quarantine", description="What to do with byte-identical content seen before.")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Decompression-bomb limit: images with more pixels are quarantined.")
+    max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are quarantined unread.")
+    shard_rows: int = Field(4096, ge=1, description="Rows per latent/feature shard.")
+    num_classes: int | None = Field(None, ge=1, description="Number of classes for class conditioning; None = inferred from the data.")
+    gmm_components: int = Field(4, ge=1, description="builtin:gmm: number of mixture components.")
+    gmm_items: int = Field(8192, ge=1, description="builtin:gmm / builtin:shapes: number of items generated.")
+    gmm_separation: float = Field(4.0, gt=0, description="builtin:gmm: distance scale between component means, in component std units.")
+
+
+class FeaturesConfig(Strict):
+    """Features used only for clustering (paper §4.1 uses pooled DINOv2)."""
+    extractor: Literal["pixels", "dinov2"] = "pixels"
+    model: str | None = Field(None, description="Hugging Face id or local directory for dinov2.")
+    pixels_size: int = Field(8, ge=1, description="pixels extractor: downsample to this square size before flattening.")
+    pca_dim: int | None = Field(None, ge=1, description="pixels extractor: PCA-project to this many dims (None = no PCA).")
+    batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LatentsConfig(Strict):
+    encoder: Literal["identity", "vae"] = "identity"
+    model: str | None = Field(None, description="Hugging Face id or local directory of a diffusers AutoencoderKL.")
+    subfolder: str | None = Field(None, description="Subfolder inside `model` holding the VAE (e.g. 'vae').")
+    batch_size: int = Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TextConfig(Strict):
+    encoder: Literal["none", "clip"] = "none"
+    model: str | None = Field(None, description="Hugging Face id or local directory of a CLIP text model + tokenizer.")
+    max_length: int = Field(77, ge=1)
+
+
+class PrepareConfig(Strict):
+    num_workers: int = Field(2, ge=1, description="Parallel encoding workers (Ray actors).")
+    use_gpu: bool = Field(False, description="Give each encoding worker one GPU.")
+
+
+class ClusteringConfig(Strict):
+    method: Literal["kmeans2", "random"] = Field("kmeans2", description="kmeans2 = two-stage k-means (fine -> coarse); random = ablation baseline.")
+    num_experts: int = Field(4, ge=1, description="K, the number of clusters = experts. K = 1 is the monolith baseline.")
+    num_fine_centroids: int = Field(1024, ge=1, description="Stage-one centroids; clipped to the number of items.")
+    fit_sample: int = Field(50_000, ge=1, description="Items sampled to fit the fine centroids.")
+    iterations: int = Field(20, ge=1)
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    balanced: bool = Field(False, description="Cap cluster sizes at max_cluster_fraction by reassigning overflow to the next-nearest centroid.")
+    max_cluster_fraction: float = Field(0.5, gt=0, le=1)
+    assign_chunk_rows: int = Field(65_536, ge=1, description="Rows per assignment chunk: bounds memory, not the dataset.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ModelConfig(Strict):
+    """A DiT (worker/models/dit.py). in_channels and input size come from the latents."""
+    size: str = Field("tiny", description="Preset in worker.models.dit.DIT_SIZES: tiny, S, B, L, XL.")
+    patch_size: int = Field(2, ge=1)
+    width: int | None = Field(None, ge=8, description="Override the preset's hidden size.")
+    depth: int | None = Field(None, ge=1, description="Override the preset's number of blocks.")
+    heads: int | None = Field(None, ge=1, description="Override the preset's attention heads.")
+    conditioning: Literal["none", "class", "text"] = "class"
+    label_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing the condition by the null condition (CFG training).")
+
+
+class TrainingConfig(Strict):
+    global_batch: int = Field(256, ge=1, description="Images per optimizer step summed over all experts; each expert gets global_batch / K (FLOP matching).")
+    duration_nimg: int = Field(96_000, ge=1, description="Images each expert (or the router) sees in training.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_nimg: int = Field(0, ge=0, description="Linear lr warmup; 0 = constant lr (paper).")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="Use decay min(ema_decay, (1+step)/(10+step)) so short runs give usable EMA weights.")
+    grad_clip: float | None = Field(1.0, gt=0)
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; CPU always runs fp32.")
+    compile: bool = False
+    checkpoint_every_nimg: int = Field(24_000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_nimg: int = Field(2_048, ge=1)
+    sample_every_nimg: int | None = Field(None, ge=1, description="Write an EMA sample grid every this many images (None = only at the end).")
+    data_workers: int = Field(0, ge=0)
+
+
+class RouterConfig(Strict):
+    """Router of paper Algorithm 1: a DiT encoder + CLS token classifying the cluster of x_t."""
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(size="tiny", label_dropout=0.0, conditioning="none"))
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(global_batch=64))
+    island: str | None = Field(None, description="Island that trains the router; None = the first island.")
+
+
+class IslandConfig(Strict):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]*$")
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources each worker needs; pins work to nodes that have them.")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node label selector pinning work to this island.")
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers in one expert's training group.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    accelerator_type: str | None = Field(None, description="e.g. H100, A10G; recorded and used as a scheduling hint.")
+    per_worker_batch: int | None = Field(None, ge=1, description="Micro-batch per worker; gradient accumulation fills the expert's effective batch.")
+    concurrency: int = Field(1, ge=1, description="Experts this island trains at once.")
+    speed: float = Field(1.0, gt=0, description="Relative throughput, used by automatic expert placement.")
+
+
+class IslandsConfig(Strict):
+    pool: list[IslandConfig] = Field(default_factory=lambda: [IslandConfig(name="local")])
+    assignment: dict[int, str] | Literal["auto"] = Field("auto", description="expert -> island name, or auto (longest job first over capacities).")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed expert, each from its last committed checkpoint.")
+    allow_partial: bool = Field(False, description="Gather the surviving experts when one fails for good.")
+    simulate: bool = Field(True, description="Local mode: give the local Ray node the islands' custom resources.")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "IslandsConfig":
+        names = [i.name for i in self.pool]
+        if not names:
+            raise ValueError("at least one island is required")
+        if len(set(names)) != len(names):
+            raise ValueError(f"island names must be unique, got {names}")
+        return self
+
+
+class StorageConfig(Strict):
+    """Object-store options. Credentials never live here: they come from the AWS environment/chain."""
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (e.g. MinIO); None = AWS or AWS_ENDPOINT_URL.")
+    region: str | None = None
+    retries: int = Field(5, ge=0, description="Retries of a transient storage error.")
+    backoff_s: float = Field(0.2, ge=0, description="First retry delay; doubles each retry.")
+    cache_dir: str | None = Field(None, description="Local cache for downloaded payloads (None = ~/.cache/ddm).")
+
+
+class SamplingConfig(Strict):
+    strategy: Literal["top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single"] = "top1"
+    top_k: int = Field(2, ge=1)
+    threshold: float = Field(0.1, ge=0, le=1)
+    nucleus_p: float = Field(0.9, gt=0, le=1)
+    steps: int = Field(32, ge=1)
+    solver: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0)
+    num_samples: int = Field(64, ge=1)
+
+
+class EvalConfig(Strict):
+    num_samples: int = Field(512, ge=1)
+    strategies: list[str] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
+    inception_path: str | None = Field(None, description="Local Inception weights for FID; the code never downloads them.")
+    t_grid: list[float] = Field(default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+
+
+class RunConfig(Strict):
+    name: str = "digits"
+    run_uri: str = Field("runs/digits", description="Run store root: local path, file://, memory:// or s3:// URL.")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    islands: IslandsConfig = Field(default_factory=IslandsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        k = self.clustering.num_experts
+        size = BUILTIN_SIZES.get(self.data.source)
+        if self.data.max_items is not None:
+            size = min(size, self.data.max_items) if size else self.data.max_items
+        if size is not None and k > size:
+            raise ValueError(f"clustering.num_experts = {k} exceeds the dataset size {size}")
+        if self.training.global_batch % k:
+            lo = (self.training.global_batch // k) * k
+            raise ValueError(
+                f"training.global_batch = {self.training.global_batch} does not split evenly over "
+                f"{k} experts; use {lo or k} or {lo + k}")
+        names = {i.name for i in self.islands.pool}
+        if self.islands.assignment != "auto":
+            missing = sorted(set(range(k)) - set(self.islands.assignment))
+            if missing:
+                raise ValueError(f"islands.assignment has no island for experts {missing}")
+            extra = sorted(set(self.islands.assignment) - set(range(k)))
+            if extra:
+                raise ValueError(f"islands.assignment names experts {extra} but K = {k}")
+            unknown = sorted(set(self.islands.assignment.values()) - names)
+            if unknown:
+                raise ValueError(f"islands.assignment names unknown islands {unknown}; known: {sorted(names)}")
+        if self.router.island is not None and self.router.island not in names:
+            raise ValueError(f"router.island = {self.router.island!r} is not an island; known: {sorted(names)}")
+        for island in self.islands.pool:
+            if island.per_worker_batch is not None and self.expert_batch % (island.per_worker_batch * island.num_workers):
+                raise ValueError(
+                    f"island {island.name}: per_worker_batch {island.per_worker_batch} x {island.num_workers} workers "
+                    f"does not divide the expert batch {self.expert_batch}")
+        return self
+
+    @property
+    def expert_batch(self) -> int:
+        """Effective batch of one expert: the global batch split over K (paper §4.1, FLOP matching)."""
+        return self.training.global_batch // self.clustering.num_experts
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none), used for stage idempotency."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+def format_validation_error(err: ValidationError, data: dict[str, Any] | None = None) -> str:
+    """One line naming the field path, the value and the reason."""
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    reason = first["msg"].removeprefix("Value error, ")
+    if not path:
+        return f"config: {reason}"
+    value = first.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config: {path} = {shown}: {reason}{more}"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}={raw}: empty key segment")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}={raw}: not valid YAML ({exc.__class__.__name__})") from None
+    node[keys[-1]] = value
+
+
+def resolve_config(preset: str | None = None, config_file: str | None = None,
+                   overrides: list[str] | None = None) -> RunConfig:
+    """preset (default `digits`) -> YAML file merged on top -> `key=value` overrides, validated."""
+    from common.presets import PRESETS
+
+    if preset is not None and config_file is not None:
+        raise ConfigError("give either --preset or --config, not both")
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {config_file}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {config_file}: top level must be a mapping")
+        base = tree.pop("preset", None)
+        if base is not None:
+            tree = _deep_merge(_preset_tree(base, PRESETS), tree)
+    else:
+        tree = _preset_tree(preset or "digits", PRESETS)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def _preset_tree(name: str, presets: dict[str, Any]) -> dict[str, Any]:
+    if name not in presets:
+        raise ConfigError(f"--preset {name}: unknown preset; known: {', '.join(sorted(presets))}")
+    return presets[name]().model_dump(mode="json", exclude_unset=False)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,174 @@
+"""Schemas of everything committed to the run store (DESIGN.md §4).
+
+Every record carries `schema_version`; unknown fields are refused; every path is relative to the run
+root (no scheme, no absolute path, no `..`), so a manifest cannot point a reader outside the run.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class ManifestError(ValueError):
+    """A record that is missing, malformed or unsafe; the message names the key and the reason."""
+
+
+def check_relative_path(path: str) -> str:
+    """Return `path` if it is a clean path inside the run root, else raise ValueError saying why."""
+    if not path:
+        raise ValueError("empty path")
+    if _URL.match(path) or path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", path):
+        raise ValueError(f"path {path!r} is absolute or a URL; manifests hold paths relative to the run root")
+    if "\\" in path or any(part == ".." for part in path.split("/")):
+        raise ValueError(f"path {path!r} leaves the run root ('..' or backslash)")
+    if posixpath.normpath(path) != path.rstrip("/"):
+        raise ValueError(f"path {path!r} is not normalised")
+    return path
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class FileRef(BaseModel):
+    """An immutable payload: where it is, how big, and its sha256."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return check_relative_path(value)
+
+
+class ShardRef(FileRef):
+    rows: int = Field(ge=0)
+
+
+class RunRecord(Record):
+    name: str
+    config: dict[str, Any]
+    config_fingerprint: str
+    code_version: str
+    created_at: str
+
+
+class StageRecord(Record):
+    stage: str
+    fingerprint: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    counts: dict[str, int] = Field(default_factory=dict)
+    outputs: list[FileRef] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class QuarantineEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    reason: str
+
+
+class DatasetManifest(Record):
+    """data/dataset.json: the prepared dataset. Shards hold `latents`, `features`, `labels`, `index`
+    (and optionally `thumbs`, `text_pooled`, `text_tokens`)."""
+    source: str
+    discovered: int
+    used: int
+    quarantined: int
+    latent_shape: list[int]
+    feature_dim: int
+    num_classes: int | None = None
+    text_dim: int | None = None
+    latent_scale: dict[str, float] = Field(default_factory=dict)
+    shards: list[ShardRef]
+    quarantine: FileRef | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClusterManifest(Record):
+    """clusters/clusters.json: centroids, sizes and the assignment of every row."""
+    method: str
+    metric: str
+    num_experts: int
+    num_fine: int
+    sizes: list[int]
+    centroids: FileRef
+    assignments: list[ShardRef] = Field(description="one per dataset shard: tensor `cluster` [rows]")
+    report: FileRef | None = None
+    images: list[FileRef] = Field(default_factory=list)
+
+
+class ExpertManifest(Record):
+    """experts/<k>/manifest.json: the expert's own partition; the only data it may read."""
+    expert: int
+    num_experts: int
+    rows: int
+    latent_shape: list[int]
+    num_classes: int | None = None
+    text_dim: int | None = None
+    shards: list[ShardRef]
+    class_counts: dict[int, int] = Field(default_factory=dict)
+
+
+class RouterManifest(Record):
+    """router/manifest.json: the router's view, all latents plus their cluster labels."""
+    num_experts: int
+    rows: int
+    latent_shape: list[int]
+    num_classes: int | None = None
+    text_dim: int | None = None
+    shards: list[ShardRef]
+    assignments: list[ShardRef]
+
+
+class CheckpointRecord(Record):
+    """<job>/checkpoints/<nimg>.json: committed after every file it lists."""
+    job: str
+    nimg: int
+    step: int
+    files: list[FileRef]
+    created_at: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ExportRecord(Record):
+    """<job>/export.json: EMA weights + model config, the lean artifact the ensemble loads."""
+    job: str
+    kind: Literal["expert", "router", "student"]
+    nimg: int
+    weights: FileRef
+    model_config_file: FileRef
+    final_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class EnsembleMember(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expert: int
+    weights: FileRef
+    model_config_file: FileRef
+    nimg: int
+
+
+class EnsembleManifest(Record):
+    """ensemble.json: written last by gather."""
+    num_experts: int
+    experts: list[EnsembleMember]
+    missing: list[int] = Field(default_factory=list)
+    router: EnsembleMember | None
+    centroids: FileRef | None = None
+    latent_shape: list[int]
+    num_classes: int | None = None
+    latents: dict[str, Any] = Field(default_factory=dict, description="latent encoder settings for decoding")
+    created_at: str

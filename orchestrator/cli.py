@@ -1,0 +1,79 @@
+"""The `ddm` command line (DESIGN.md §6). Errors are one line; bad usage or config exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from common.config import ConfigError, resolve_config, to_yaml
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad usage: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="named preset (default: digits)")
+    parser.add_argument("--config", help="YAML file (may name a base `preset:`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. clustering.num_experts=8 (repeatable)")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = resolve_config(args.preset, args.config, args.overrides)
+    sys.stdout.write(to_yaml(config))
+    return 0
+
+
+# Other modules register their subcommands here; a command that is not built is not registered.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ddm", description="Train Decentralized Diffusion Models on isolated compute islands.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    config = sub.add_parser("config", help="show the resolved configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = config_sub.add_parser("show", help="print the resolved config as YAML")
+    add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def _load_commands() -> None:
+    import importlib
+
+    for module in ("orchestrator.commands",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_commands()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

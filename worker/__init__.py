@@ -1,0 +1,1 @@
+"""Island-side code: models, flow matching, encoders, training loop, sampler. Never imports `orchestrator`."""
