@@ -172,3 +172,11 @@ class EnsembleManifest(Record):
     num_classes: int | None = None
     latents: dict[str, Any] = Field(default_factory=dict, description="latent encoder settings for decoding")
     created_at: str
+
+
+class StageResult(BaseModel):
+    """What a stage function returns; the orchestrator wraps it into a committed `StageRecord`."""
+    model_config = ConfigDict(extra="forbid")
+    counts: dict[str, int] = Field(default_factory=dict)
+    outputs: list[FileRef] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)

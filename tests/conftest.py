@@ -1,0 +1,74 @@
+"""Shared fixtures: one local Ray per test session, a real S3 endpoint (moto over HTTP), run stores."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+# Tests must never reach a hub; every model they use is built and saved locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+S3_KEY_ID = "ddmtestkeyid"
+S3_SECRET = "ddm-test-secret-" + uuid.uuid4().hex  # grepped for in stored files and logs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's ThreadedMotoServer on 127.0.0.1, reached over HTTP by s3fs (no in-process patching)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET,
+                      AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="ddm-test")
+    yield url
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store_url(request, tmp_path) -> str:
+    """A fresh run root on each backend."""
+    if request.param == "file":
+        return str(tmp_path / "run")
+    if request.param == "memory":
+        return f"memory://ddm-{uuid.uuid4().hex[:8]}"
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://ddm-test/run-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, with two simulated islands' resources."""
+    import ray
+
+    temp = f"/tmp/ddmt{os.getpid()}"  # short: Unix socket paths are capped near 107 bytes
+    ray.init(num_cpus=2, resources={"island-a": 4.0, "island-b": 4.0}, include_dashboard=False,
+             object_store_memory=150 * 2**20, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
