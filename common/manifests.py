@@ -159,6 +159,8 @@ class EnsembleMember(BaseModel):
     weights: FileRef
     model_config_file: FileRef
     nimg: int
+    rows: int = Field(0, ge=0, description="rows in this expert's cluster: the prior p(k) of the oracle strategy")
+    class_counts: dict[int, int] = Field(default_factory=dict, description="class -> rows in this cluster: p(k | class)")
 
 
 class EnsembleManifest(Record):
