@@ -1,0 +1,97 @@
+"""Islands: which island trains which job, and the Ray scheduling options that pin it there.
+
+One unit of an island's custom resource is one worker slot; a node offering `island-a: 4` can host
+four single-worker experts of island-a at once. Placement is explicit (`islands.assignment`) or
+automatic: longest expected job first, each onto the island where it would finish earliest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import IslandConfig, ModelConfig, RunConfig
+
+ROUTER = "router"
+
+
+@dataclass(frozen=True)
+class Placement:
+    job: str  # "expert-03" or "router"
+    island: str
+    expected_cost: float
+
+
+def job_name(k: int) -> str:
+    return f"expert-{k:02d}"
+
+
+def model_cost(model: ModelConfig) -> float:
+    """Relative training cost per image: width^2 * depth, the dominant matmul term of a transformer."""
+    from worker.models.dit import DIT_SIZES
+
+    size = DIT_SIZES[model.size]
+    width = model.width or size["width"]
+    depth = model.depth or size["depth"]
+    return float(width * width * depth) / model.patch_size ** 2
+
+
+def place_jobs(config: RunConfig) -> list[Placement]:
+    """Map every expert and the router to an island (explicit, else longest-job-first)."""
+    islands = {i.name: i for i in config.islands.pool}
+    k = config.clustering.num_experts
+    jobs = [(job_name(e), config.training.duration_nimg * model_cost(config.model)) for e in range(k)]
+    jobs.append((ROUTER, config.router.training.duration_nimg * model_cost(config.router.model)))
+    fixed: dict[str, str] = {}
+    if config.islands.assignment != "auto":
+        fixed.update({job_name(e): name for e, name in config.islands.assignment.items()})
+    if config.router.island is not None:
+        fixed[ROUTER] = config.router.island
+
+    # Finish-time estimate per island: queued work / (speed x slots). Equal costs tie-break by name.
+    load = {name: 0.0 for name in islands}
+    placements = []
+    for name, cost in sorted(jobs, key=lambda j: (-j[1], j[0])):
+        if name in fixed:
+            island = fixed[name]
+        else:
+            island = min(islands, key=lambda i: ((load[i] + cost) / (islands[i].speed * islands[i].concurrency),
+                                                 list(islands).index(i)))
+        load[island] += cost
+        placements.append(Placement(name, island, cost))
+    return sorted(placements, key=lambda p: (p.job == ROUTER, p.job))
+
+
+def actor_options(island: IslandConfig, name: str) -> dict:
+    """Ray options for the actor that runs one job on `island`.
+
+    A single-worker job trains inside the actor, which holds the worker's CPU/GPU and one island slot.
+    A multi-worker job's actor only drives a Ray Train group; the group's workers hold the resources.
+    """
+    options: dict = {"name": f"{name}@{island.name}", "max_restarts": 0, "max_concurrency": 4}
+    if island.num_workers == 1:
+        options["num_cpus"] = island.cpus_per_worker
+        options["num_gpus"] = 1 if island.use_gpu else 0
+        options["resources"] = {key: value for key, value in island.resources.items()}
+        if island.use_gpu and island.accelerator_type:
+            options["accelerator_type"] = island.accelerator_type
+    else:
+        options["num_cpus"] = 0
+        # A sliver of the island's resource keeps the driver actor on the island's nodes too.
+        options["resources"] = {key: 0.001 for key in island.resources}
+    if island.label_selector:
+        options["label_selector"] = dict(island.label_selector)
+    return options
+
+
+def worker_resources(island: IslandConfig) -> dict:
+    """Per-worker resources of a Ray Train group on `island` (CPU, GPU and the island's slot)."""
+    return {"CPU": island.cpus_per_worker, **({"GPU": 1} if island.use_gpu else {}), **island.resources}
+
+
+def local_node_resources(config: RunConfig, num_cpus: int) -> dict[str, float]:
+    """Custom resources for a single local node simulating every island (local mode)."""
+    resources: dict[str, float] = {}
+    for island in config.islands.pool:
+        for key, value in island.resources.items():
+            resources[key] = resources.get(key, 0.0) + value * island.num_workers * island.concurrency + 0.01
+    return resources
