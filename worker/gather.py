@@ -1,0 +1,87 @@
+"""Gather stage: collect every expert's export, the router's export and the centroids into
+`ensemble.json`, verifying each payload's sha256 first and committing the manifest last."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from common.config import RunConfig
+from common.manifests import (ClusterManifest, DatasetManifest, EnsembleManifest, EnsembleMember, ExpertManifest,
+                              ExportRecord, FileRef, StageResult)
+from common.storage import RunStore
+
+
+class GatherError(RuntimeError):
+    """An export is missing or corrupt; the message names the key."""
+
+
+def expert_prefix(k: int) -> str:
+    return f"experts/{k:02d}"
+
+
+def _member(store: RunStore, prefix: str, expert: int) -> tuple[EnsembleMember, list[FileRef]] | None:
+    record = store.read_record(f"{prefix}/export.json", ExportRecord)
+    if record is None:
+        return None
+    for ref in (record.weights, record.model_config_file):
+        store.get_payload(ref)  # raises IntegrityError naming the file if it was altered or truncated
+    member = EnsembleMember(expert=expert, weights=record.weights, model_config_file=record.model_config_file,
+                            nimg=record.nimg)
+    return member, [record.weights, record.model_config_file]
+
+
+def gather(config: RunConfig, store: RunStore, allow_partial: bool = False, missing: list[int] = ()) -> StageResult:
+    """Verify and collect the exports into `ensemble.json` (committed last).
+
+    `missing` names experts known to have failed for good; with `allow_partial` those (and any
+    expert without a committed export) are recorded as missing, and the sampler renormalises the
+    router over the experts present. Without it a missing expert is an error.
+    """
+    K = config.clustering.num_experts
+    dataset = store.read_record("data/dataset.json", DatasetManifest)
+    if dataset is None:
+        raise GatherError(f"{store.url}/data/dataset.json: not committed (run the prepare stage first)")
+    clusters = store.read_record("clusters/clusters.json", ClusterManifest)
+
+    members: list[EnsembleMember] = []
+    outputs: list[FileRef] = []
+    absent: list[int] = []
+    for k in range(K):
+        found = None if k in set(missing) else _member(store, expert_prefix(k), k)
+        if found is None:
+            absent.append(k)
+            continue
+        member, refs = found
+        part = store.read_record(f"{expert_prefix(k)}/manifest.json", ExpertManifest)
+        if part is not None:  # the oracle strategy's prior p(k) and p(k | class)
+            member = member.model_copy(update={"rows": part.rows, "class_counts": dict(part.class_counts)})
+        members.append(member)
+        outputs += refs
+    if absent and not allow_partial:
+        raise GatherError(f"experts {absent}: no committed export under experts/<k>/export.json "
+                          f"(set islands.allow_partial=true to gather the others)")
+    if not members:
+        raise GatherError("no expert has a committed export; nothing to gather")
+
+    router = None
+    if K > 1:
+        found = _member(store, "router", -1)
+        if found is None:
+            raise GatherError(f"{store.url}/router/export.json: not committed (the router has not finished)")
+        router, refs = found
+        outputs += refs
+    if clusters is not None:
+        store.get_payload(clusters.centroids)
+        outputs.append(clusters.centroids)
+
+    manifest = EnsembleManifest(
+        num_experts=K, experts=members, missing=absent, router=router,
+        centroids=clusters.centroids if clusters else None, latent_shape=dataset.latent_shape,
+        num_classes=dataset.num_classes,
+        latents={"encoder": config.latents.encoder, "model": config.latents.model,
+                 "subfolder": config.latents.subfolder, "scale": dict(dataset.latent_scale),
+                 "source": dataset.source, "channels": config.data.channels},
+        created_at=datetime.now(timezone.utc).isoformat())
+    store.commit("ensemble.json", manifest)  # last: its presence means every listed payload is verified
+    return StageResult(counts={"experts": len(members), "missing": len(absent)}, outputs=outputs,
+                       details={"missing": absent, "nimg": {m.expert: m.nimg for m in members}})

@@ -1,0 +1,157 @@
+"""Ensemble inference strategies (paper §3.4, Table 1) over plain velocity callables.
+
+The DDM marginal velocity factors exactly as (paper eq. 7)
+
+    u_t(x_t) = sum_k p(k | x_t, t) * v_k(x_t, t)
+
+where v_k is expert k's flow and the router estimates p(k | x_t, t). Every strategy below turns the
+router posterior into sparse per-row expert weights w[B, K] (rows sum to 1) and evaluates
+sum_k w[:, k] * v_k, running expert k ONLY on the rows with w[:, k] > 0. So top-1 costs one expert
+forward per row plus the router, whatever K is.
+
+    top1       argmax_k p(k | x_t, t), re-chosen at every step (the paper's best; the default)
+    topk       the k most probable experts, weights renormalised
+    full       all experts weighted by the posterior: eq. 7 exactly
+    sample     one expert drawn from the posterior at every step (collapses in the paper)
+    threshold  experts with p >= threshold (the argmax always kept), renormalised
+    nucleus    the smallest set whose mass reaches nucleus_p, renormalised
+    oracle     one fixed expert per sample for the whole trajectory (its cluster is given)
+    single     one fixed expert for every sample
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# (x[B, ...], t[B], cond[B] | None) -> velocity[B, ...]
+VelocityFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+# (x[B, ...], t[B]) -> logits[B, K]
+RouterFn = Callable[[Tensor, Tensor], Tensor]
+
+STRATEGIES = ("top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single")
+
+
+class SamplerError(ValueError):
+    """Bad sampling arguments, phrased as one line."""
+
+
+def as_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """t as a [B] tensor on x's device, whatever the solver passed (scalar or per row)."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def guided(model: Callable[..., Tensor], cfg_scale: float, null_class: int | None) -> VelocityFn:
+    """Classifier-free guidance applied inside ONE expert: v = v(x, 0) + w (v(x, c) - v(x, 0)).
+
+    Guidance is per expert (each expert's own conditional and unconditional flows are mixed), then
+    the router mixes the guided experts; cond and null rows share one batched forward.
+    """
+    def velocity(x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        text = cond is not None and cond.is_floating_point()  # text embeddings: all zeros = null text
+        if cond is None or (null_class is None and not text) or cfg_scale == 1.0:
+            return model(x, t, cond)
+        null = torch.zeros_like(cond) if text else torch.full_like(cond, null_class)
+        if cfg_scale == 0.0:
+            return model(x, t, null)
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))  # [2B, ...]
+        v_cond, v_null = v.chunk(2)
+        return v_null + cfg_scale * (v_cond - v_null)
+    return velocity
+
+
+def posterior(router: RouterFn | None, x: Tensor, t: Tensor, present: Tensor) -> Tensor:
+    """p(k | x_t, t) [B, K], renormalised over the experts that are present (missing ones get 0)."""
+    if router is None:  # K = 1 or no router: uniform over present experts
+        logits = torch.zeros(x.shape[0], present.numel(), device=x.device)
+    else:
+        logits = router(x, t).float()
+    logits = logits.masked_fill(~present.to(logits.device), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def expert_weights(p: Tensor, strategy: str, *, top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9,
+                   fixed: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Sparse mixing weights w[B, K] (rows sum to 1) from the posterior p[B, K]."""
+    B, K = p.shape
+    if strategy in ("oracle", "single"):
+        if fixed is None:
+            raise SamplerError(f"strategy {strategy}: needs the expert of each sample")
+        return torch.nn.functional.one_hot(fixed.to(p.device), K).to(p.dtype)
+    if strategy == "full":
+        return p
+    if strategy == "top1":
+        return torch.nn.functional.one_hot(p.argmax(-1), K).to(p.dtype)
+    if strategy == "sample":
+        drawn = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+        return torch.nn.functional.one_hot(drawn, K).to(p.dtype)
+    if strategy == "topk":
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(min(top_k, K), dim=-1).indices, True)
+    elif strategy == "threshold":
+        keep = p >= threshold
+        keep.scatter_(1, p.argmax(-1, keepdim=True), True)
+    elif strategy == "nucleus":
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more probable experts
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(1, order, before < nucleus_p)
+    else:
+        raise SamplerError(f"strategy {strategy!r}: unknown; choose one of {', '.join(STRATEGIES)}")
+    w = p * keep
+    return w / w.sum(-1, keepdim=True)
+
+
+def mixture_velocity(x: Tensor, t: Tensor, cond: Tensor | None, experts: Sequence[VelocityFn | None],
+                     weights: Tensor) -> Tensor:
+    """sum_k w[:, k] v_k(x), evaluating expert k only on its rows (w[:, k] > 0)."""
+    v = torch.zeros_like(x)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    for k, expert in enumerate(experts):
+        rows = (weights[:, k] > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        if expert is None:
+            raise SamplerError(f"expert {k} is missing but received weight")
+        vk = expert(x[rows], t[rows], None if cond is None else cond[rows])
+        v.index_add_(0, rows, vk * weights[rows, k].to(vk.dtype).view(shape))
+    return v
+
+
+class EnsembleVelocity:
+    """The velocity field of one strategy, callable by a flow solver as fn(x, t)."""
+
+    def __init__(self, experts: Sequence[VelocityFn | None], router: RouterFn | None, strategy: str = "top1", *,
+                 cond: Tensor | None = None, top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9,
+                 fixed: Tensor | None = None, generator: torch.Generator | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise SamplerError(f"strategy {strategy!r}: unknown; choose one of {', '.join(STRATEGIES)}")
+        if strategy == "topk" and top_k < 1:
+            raise SamplerError(f"top_k = {top_k}: must be >= 1")
+        if strategy == "nucleus" and not 0 < nucleus_p <= 1:
+            raise SamplerError(f"nucleus_p = {nucleus_p}: must be in (0, 1]")
+        if strategy == "threshold" and not 0 <= threshold <= 1:
+            raise SamplerError(f"threshold = {threshold}: must be in [0, 1]")
+        self.experts = list(experts)
+        self.present = torch.tensor([e is not None for e in self.experts])
+        if fixed is not None:
+            bad = [int(k) for k in fixed.unique() if not (0 <= k < len(self.experts)) or self.experts[int(k)] is None]
+            if bad:
+                raise SamplerError(f"expert {bad[0]}: not in this ensemble (present: "
+                                   f"{[k for k, e in enumerate(self.experts) if e is not None]})")
+        self.router, self.strategy, self.cond, self.fixed, self.generator = router, strategy, cond, fixed, generator
+        self.options = dict(top_k=top_k, threshold=threshold, nucleus_p=nucleus_p)
+        self.calls = 0
+
+    def weights(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.strategy in ("oracle", "single"):  # no router call: the expert is fixed
+            return expert_weights(torch.zeros(x.shape[0], len(self.experts), device=x.device), self.strategy,
+                                  fixed=self.fixed)
+        p = posterior(self.router, x, t, self.present)
+        return expert_weights(p, self.strategy, generator=self.generator, **self.options)
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+        self.calls += 1
+        t = as_time(t, x)
+        return mixture_velocity(x, t, self.cond, self.experts, self.weights(x, t))
