@@ -182,3 +182,21 @@ class StageResult(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)
     outputs: list[FileRef] = Field(default_factory=list)
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStatusRecord(Record):
+    """<prefix>/status.json: the controller's view of one training job (live, overwritten)."""
+    job: str
+    island: str
+    state: str
+    attempts: int = 0
+    retries: int = 0
+    nimg: int = 0
+    duration_nimg: int = 0
+    loss: float | None = None
+    img_per_s: float | None = None
+    eta_s: float | None = None
+    node: str | None = None
+    last_error: str | None = None
+    fingerprint: str = ""
+    updated_at: str

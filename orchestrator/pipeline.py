@@ -1,0 +1,124 @@
+"""The pipeline: prepare -> cluster -> train (experts x K + router) -> gather, on a Ray driver.
+
+Every stage is idempotent (stages.py), so rerunning the same command after any crash resumes.
+Local mode starts a Ray instance sized to this machine whose single node carries every island's
+custom resources, so the same scheduling path runs as on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from common.config import RunConfig
+from common.manifests import StageResult
+from common.storage import RunStore
+from orchestrator.islands import local_node_resources
+from orchestrator.progress import ProgressView
+from orchestrator.ray_group import RayWorkerGroup
+from orchestrator.stages import STAGES, StageRunner
+from orchestrator.train_stage import job_scope, run_train_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_uri: str
+    stages: dict[str, dict] = field(default_factory=dict)  # name -> {"skipped", "duration_s", "counts"}
+    wall_s: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    dashboard_url: str | None = None
+
+
+def connect_ray(config: RunConfig, address: str | None) -> tuple[bool, str | None]:
+    """Connect to a cluster (address / RAY_ADDRESS) or start a local instance. Returns (local, dashboard)."""
+    if ray.is_initialized():
+        return False, None
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        context = ray.init(address=address, runtime_env=env, log_to_driver=False)
+        return False, context.dashboard_url
+    num_cpus = os.cpu_count() or 1
+    resources = local_node_resources(config, num_cpus) if config.islands.simulate else {}
+    # Dashboard on loopback only; Ray's token authentication is left as Ray configures it.
+    context = ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True,
+                       dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env,
+                       _temp_dir=f"/tmp/ddm-ray-{os.getuid()}")
+    return True, context.dashboard_url
+
+
+def run_pipeline(config: RunConfig, until: str = "gather", address: str | None = None,
+                 show_progress: bool = True) -> RunSummary:
+    if until not in STAGES:
+        raise ValueError(f"--until {until}: expected one of {', '.join(STAGES)}")
+    t0 = time.perf_counter()
+    store = RunStore(config.run_uri, config.storage)
+    runner = StageRunner(store, config)
+    runner.write_run_record()
+    local, dashboard = connect_ray(config, address)
+    summary = RunSummary(run_uri=store.url, dashboard_url=dashboard)
+    view = ProgressView(enabled=show_progress)
+    if dashboard:
+        view.note(f"Ray dashboard: http://{dashboard}")
+
+    def stage(name: str, fn) -> None:
+        view.stage_started(name)
+        outcome = runner.run(name, fn)
+        summary.stages[name] = {"skipped": outcome.skipped, "duration_s": outcome.record.duration_s,
+                                "counts": outcome.record.counts}
+        view.stage_done(name, outcome.skipped, outcome.record.duration_s, outcome.record.counts)
+
+    from worker.partition import cluster_data
+    from worker.prepare import prepare_data
+
+    stage("prepare", lambda: prepare_data(config, store))
+    if until != "prepare":
+        stage("cluster", lambda: cluster_data(config, store))
+    if until in ("train", "gather"):
+        islands = {i.name: i for i in config.islands.pool}
+
+        def make_group(jobs: dict) -> RayWorkerGroup:
+            return RayWorkerGroup(store, jobs, {name: job_scope(name) for name in jobs}, islands,
+                                  use_labels=not local)
+
+        stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
+                                               listener=view.job_changed, on_tick=view.refresh))
+    if until == "gather":
+        stage("gather", lambda: gather_and_preview(config, store, runner))
+        summary.outputs = {"ensemble": f"{store.url}/ensemble.json",
+                           "samples": f"{store.url}/samples/ensemble_top1.png"}
+    summary.wall_s = time.perf_counter() - t0
+    view.close()
+    return summary
+
+
+def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) -> StageResult:
+    """Gather the ensemble, then write one top-1 sample grid so every run ends with a picture."""
+    from worker.gather import gather
+    from worker.ensemble import Ensemble
+    from worker.sampler import save_grid
+
+    train = runner.committed("train")
+    missing = list(train.details.get("missing", [])) if train else []
+    result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing)
+    ensemble = Ensemble.load(store)
+    n = min(config.sampling.num_samples, 64)
+    classes = None
+    if ensemble.num_classes:
+        classes = [i % ensemble.num_classes for i in range(n)]
+    images = ensemble.sample(n, strategy=config.sampling.strategy, steps=config.sampling.steps,
+                             solver=config.sampling.solver, cfg_scale=config.sampling.cfg_scale,
+                             classes=classes, seed=config.seed)
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddm-preview-{os.getpid()}.png"
+    save_grid(ensemble, images, local, labels=classes)
+    ref = store.put_payload(f"samples/ensemble_top1-{runner.fingerprints['gather'][:8]}.png", local.read_bytes())
+    store.write_bytes("samples/ensemble_top1.png", local.read_bytes())
+    local.unlink(missing_ok=True)
+    return StageResult(counts=result.counts, outputs=[*result.outputs, ref], details=result.details)

@@ -1,0 +1,76 @@
+"""`ddm status`: a run's state read from the run store alone (works with Ray down, from any machine)."""
+
+from __future__ import annotations
+
+from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, RunRecord
+from common.storage import RunStore
+from orchestrator.stages import STAGES, stage_summary
+
+
+def _jobs(store: RunStore) -> list[str]:
+    prefixes = sorted({key.split("/")[0] + "/" + key.split("/")[1] for key in store.list("experts/")
+                       if key.count("/") >= 2})
+    return prefixes + (["router"] if store.exists("router/manifest.json") else [])
+
+
+def last_checkpoint(store: RunStore, prefix: str) -> CheckpointRecord | None:
+    keys = [k for k in store.list(f"{prefix}/checkpoints/") if k.endswith(".json") and k.count("/") == prefix.count("/") + 2]
+    for key in sorted(keys, reverse=True):
+        record = store.read_record(key, CheckpointRecord)
+        if record is not None:
+            return record
+    return None
+
+
+def collect_status(store: RunStore) -> dict:
+    run = store.read_record("run.json", RunRecord)
+    if run is None:
+        raise FileNotFoundError(f"{store.url}: no run.json (not a DDM run store)")
+    stages = stage_summary(store)
+    jobs = []
+    for prefix in _jobs(store):
+        status = store.read_record(f"{prefix}/status.json", JobStatusRecord)
+        export = store.read_record(f"{prefix}/export.json", ExportRecord)
+        ckpt = last_checkpoint(store, prefix)
+        entry = {"prefix": prefix, "state": status.state if status else ("succeeded" if export else "not started"),
+                 "island": status.island if status else None, "attempts": status.attempts if status else 0,
+                 "retries": status.retries if status else 0,
+                 "nimg": export.nimg if export else (status.nimg if status else (ckpt.nimg if ckpt else 0)),
+                 "duration_nimg": status.duration_nimg if status else None,
+                 "loss": status.loss if status else None, "eta_s": status.eta_s if status else None,
+                 "last_checkpoint_nimg": ckpt.nimg if ckpt else None, "exported": export is not None,
+                 "last_error": status.last_error if status else None,
+                 "updated_at": status.updated_at if status else None}
+        if entry["state"] == "succeeded":
+            entry["eta_s"] = 0.0
+        jobs.append(entry)
+    return {"run": store.url, "name": run.name, "code_version": run.code_version, "created_at": run.created_at,
+            "stages": {s: ({"done": True, **stages[s]} if s in stages else {"done": False}) for s in STAGES},
+            "jobs": jobs, "ensemble": store.exists("ensemble.json")}
+
+
+def format_status(status: dict) -> str:
+    lines = [f"run {status['name']} at {status['run']} (code {status['code_version']}, created {status['created_at']})",
+             "stages:"]
+    for name, stage in status["stages"].items():
+        if stage["done"]:
+            counts = ", ".join(f"{k}={v}" for k, v in stage.get("counts", {}).items())
+            lines.append(f"  {name:<8} done     {stage['duration_s']:>8.1f}s  {counts}")
+        else:
+            lines.append(f"  {name:<8} pending")
+    if status["jobs"]:
+        lines.append("jobs:")
+        lines.append(f"  {'job':<11} {'island':<10} {'state':<11} {'images seen':>21} {'loss':>8} {'ckpt':>9} "
+                     f"{'retries':>7} {'eta':>7}")
+        for job in status["jobs"]:
+            total = job["duration_nimg"]
+            seen = f"{job['nimg']:,}" + (f"/{total:,}" if total else "")
+            loss = f"{job['loss']:.4f}" if job["loss"] is not None else "-"
+            ckpt = f"{job['last_checkpoint_nimg']:,}" if job["last_checkpoint_nimg"] is not None else "-"
+            eta = f"{job['eta_s']:.0f}s" if job["eta_s"] is not None else "-"
+            lines.append(f"  {job['prefix']:<11} {job['island'] or '-':<10} {job['state']:<11} {seen:>21} {loss:>8} "
+                         f"{ckpt:>9} {job['retries']:>7} {eta:>7}")
+            if job["last_error"] and job["state"] != "succeeded":
+                lines.append(f"      last error: {job['last_error']}")
+    lines.append(f"ensemble: {'gathered' if status['ensemble'] else 'not yet'}")
+    return "\n".join(lines)

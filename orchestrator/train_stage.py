@@ -1,0 +1,118 @@
+"""The train stage: K isolated expert jobs and the router, driven by the controller on their islands."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from common.config import RunConfig
+from common.manifests import ExportRecord, JobStatusRecord, StageResult
+from common.storage import RunStore
+from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
+from orchestrator.islands import ROUTER, job_name, place_jobs
+from orchestrator.stages import now_iso
+
+log = logging.getLogger(__name__)
+# What a job writes; cleared when a job's inputs changed since its outputs were made.
+JOB_OUTPUTS = ("checkpoints", "export", "export.json", "metrics.jsonl", "samples", "status.json", "job.json")
+
+
+class TrainFailed(RuntimeError):
+    """Raised when a job failed for good and the run does not allow a partial ensemble."""
+
+
+def prefix_of(name: str) -> str:
+    return "router" if name == ROUTER else f"experts/{int(name.split('-')[1]):02d}"
+
+
+def job_scope(name: str) -> tuple[list[str], list[str]]:
+    """(read-write, read-only) prefixes of a job: its own prefix; the router also reads all latents."""
+    if name == ROUTER:
+        return ["router/"], ["data/shards/", "clusters/assignments/"]
+    return [prefix_of(name) + "/"], []
+
+
+def build_jobs(config: RunConfig) -> dict:
+    from worker.train import expert_job, router_job
+
+    islands = {i.name: i for i in config.islands.pool}
+    jobs = {}
+    for placement in place_jobs(config):
+        island = islands[placement.island]
+        jobs[placement.job] = (router_job(config, island) if placement.job == ROUTER
+                               else expert_job(config, int(placement.job.split("-")[1]), island))
+    return jobs
+
+
+def reconcile_outputs(store: RunStore, names: list[str], fingerprint: str) -> set[str]:
+    """Clear outputs made from other inputs; return the jobs whose export is already committed."""
+    done = set()
+    for name in names:
+        prefix = prefix_of(name)
+        stamp = store.read_bytes(f"{prefix}/job.json").decode() if store.exists(f"{prefix}/job.json") else None
+        if stamp != fingerprint:
+            for item in JOB_OUTPUTS:
+                store.delete(f"{prefix}/{item}")
+            store.write_bytes(f"{prefix}/job.json", fingerprint.encode())
+        elif store.read_record(f"{prefix}/export.json", ExportRecord) is not None:
+            done.add(name)
+    return done
+
+
+class StatusWriter:
+    """Writes each job's `status.json` on state changes, and on progress at most every `every_s`."""
+
+    def __init__(self, store: RunStore, jobs: dict, fingerprint: str, every_s: float = 5.0,
+                 listener: Callable[[JobState], None] | None = None) -> None:
+        self.store, self.jobs, self.fingerprint, self.every_s = store, jobs, fingerprint, every_s
+        self.listener = listener
+        self.last: dict[str, tuple[str, float]] = {}
+
+    def __call__(self, state: JobState) -> None:
+        if self.listener is not None:
+            self.listener(state)
+        previous = self.last.get(state.name)
+        if previous and previous[0] == state.status.value and time.monotonic() - previous[1] < self.every_s:
+            return
+        self.last[state.name] = (state.status.value, time.monotonic())
+        p = state.progress
+        record = JobStatusRecord(
+            job=state.name, island=state.island, state=state.status.value, attempts=state.attempts,
+            retries=state.retries, nimg=int(p.get("nimg", 0)),
+            duration_nimg=int(p.get("duration_nimg", self.jobs[state.name].training.duration_nimg)),
+            loss=p.get("loss"), img_per_s=p.get("img_per_s"), eta_s=p.get("eta_s"), node=p.get("node"),
+            last_error=state.last_error, fingerprint=self.fingerprint, updated_at=now_iso())
+        self.store.write_bytes(f"{prefix_of(state.name)}/status.json", record.model_dump_json(indent=2).encode())
+
+
+def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
+                    make_group: Callable[[dict], WorkerGroup],
+                    listener: Callable[[JobState], None] | None = None,
+                    on_tick: Callable[[], None] | None = None) -> StageResult:
+    jobs = build_jobs(config)
+    placements = place_jobs(config)
+    done = reconcile_outputs(store, list(jobs), fingerprint)
+    capacity = {i.name: i.concurrency for i in config.islands.pool}
+    status = StatusWriter(store, jobs, fingerprint, listener=listener)
+    controller = TrainController(placements, capacity, make_group(jobs), config.islands.max_retries,
+                                 done=done, on_change=status)
+    result: ControllerResult = controller.run(poll_s=1.0, on_tick=on_tick)
+    for state in result.states.values():
+        status.last.pop(state.name, None)
+        status(state)  # final state of every job, unthrottled
+    if ROUTER in result.failed:
+        raise TrainFailed(f"router failed for good: {result.failed[ROUTER]}")
+    if result.failed and not config.islands.allow_partial:
+        names = ", ".join(f"{n} ({e})" for n, e in sorted(result.failed.items()))
+        raise TrainFailed(f"experts failed for good: {names}; set islands.allow_partial=true to gather the rest")
+    missing = sorted(int(n.split("-")[1]) for n in result.failed)
+    counts = {"experts": config.clustering.num_experts - len(missing), "skipped": len(done),
+              "retries": sum(s.retries for s in result.states.values())}
+    return StageResult(counts=counts, details={
+        "missing": missing, "placement": {p.job: p.island for p in placements},
+        "retries": {n: s.retries for n, s in result.states.items()},
+        "skipped_jobs": sorted(done)})
+
+
+__all__ = ["run_train_stage", "job_scope", "prefix_of", "build_jobs", "TrainFailed", "job_name"]
