@@ -105,7 +105,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
         off = np.eye(s_a.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
