@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_commands() -> None:
     import importlib
 
-    for module in ("orchestrator.cmd_pipeline", "orchestrator.cmd_results"):
+    for module in ("orchestrator.cmd_pipeline", "orchestrator.cmd_results", "orchestrator.submit"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
