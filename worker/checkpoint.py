@@ -1,0 +1,140 @@
+"""Checkpoints and exports through the run store's commit protocol (DESIGN.md §4, §5). No pickles.
+
+Resumable state  <prefix>/checkpoints/<nimg:012d>-<token>/{model,ema,optimizer,state}.safetensors,
+                 committed by <prefix>/checkpoints/<nimg:012d>.json (CheckpointRecord) written last.
+Export           <prefix>/export/<token>/{config.json, diffusion_pytorch_model.safetensors},
+                 committed by <prefix>/export.json (ExportRecord) written last.
+A file set whose record never got written (a killed process, a torn write) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from common.manifests import CheckpointRecord, ExportRecord, FileRef
+from common.storage import RunStore
+
+log = logging.getLogger(__name__)
+_RECORD = re.compile(r"/checkpoints/(\d{12})\.json$")
+WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{name}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for name, v in s.items()}
+    return tensors, {"param_groups": json.dumps(sd["param_groups"])}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, data: bytes) -> None:
+    header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
+    groups = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in st_load(data).items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def checkpoint_records(store: RunStore, prefix: str) -> list[str]:
+    """Keys of committed checkpoint records, oldest first."""
+    return [k for k in store.list(f"{prefix}/checkpoints") if _RECORD.search("/" + k)]
+
+
+def save_checkpoint(store: RunStore, prefix: str, job: str, nimg: int, step: int, model: nn.Module, ema: nn.Module,
+                    opt: torch.optim.Optimizer, keep: int, metrics: dict[str, float] | None = None) -> CheckpointRecord:
+    folder = f"{prefix}/checkpoints/{nimg:012d}-{uuid.uuid4().hex[:8]}"
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    state = {"nimg": torch.tensor([nimg]), "step": torch.tensor([step]), "rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng.cuda"] = torch.cuda.get_rng_state()
+    cpu = lambda m: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}  # noqa: E731
+    files = [store.put_payload(f"{folder}/model.safetensors", st_save(cpu(model))),
+             store.put_payload(f"{folder}/ema.safetensors", st_save(cpu(ema))),
+             store.put_payload(f"{folder}/optimizer.safetensors", st_save(opt_tensors, metadata=opt_meta)),
+             store.put_payload(f"{folder}/state.safetensors", st_save(state))]
+    record = CheckpointRecord(job=job, nimg=nimg, step=step, files=files, created_at=_now(), metrics=metrics or {})
+    store.commit(f"{prefix}/checkpoints/{nimg:012d}.json", record)
+    _prune(store, prefix, keep)
+    return record
+
+
+def _prune(store: RunStore, prefix: str, keep: int) -> None:
+    """Keep the newest `keep` records; delete a record before its files, and drop uncommitted folders."""
+    records = checkpoint_records(store, prefix)
+    for key in records[:-keep]:
+        rec = store.read_record(key, CheckpointRecord)
+        store.delete(key)
+        for folder in {f.path.rsplit("/", 1)[0] for f in rec.files} if rec else ():
+            store.delete(folder)
+    live = {f.path.rsplit("/", 1)[0] for key in records[-keep:] for f in store.read_record(key, CheckpointRecord).files}
+    for key in store.list(f"{prefix}/checkpoints"):
+        folder = key.rsplit("/", 1)[0]
+        if key.endswith(".safetensors") and folder not in live:
+            store.delete(folder)  # a torn checkpoint of a killed earlier attempt
+
+
+def latest_checkpoint(store: RunStore, prefix: str) -> CheckpointRecord | None:
+    records = checkpoint_records(store, prefix)
+    return store.read_record(records[-1], CheckpointRecord) if records else None
+
+
+def load_checkpoint(store: RunStore, record: CheckpointRecord, model: nn.Module, ema: nn.Module,
+                    opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore model, EMA and optimizer in place (checksums verified); returns (nimg, step)."""
+    files = {Path(f.path).name: f for f in record.files}
+    model.load_state_dict(st_load(store.get_payload(files["model.safetensors"])))
+    ema.load_state_dict(st_load(store.get_payload(files["ema.safetensors"])))
+    _load_optimizer(opt, store.get_payload(files["optimizer.safetensors"]))
+    state = st_load(store.get_payload(files["state.safetensors"]))
+    torch.set_rng_state(state["rng.cpu"])
+    if "rng.cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng.cuda"])
+    return int(state["nimg"][0]), int(state["step"][0])
+
+
+def save_export(store: RunStore, prefix: str, job: str, kind: str, nimg: int, ema: nn.Module,
+                metrics: dict[str, float] | None = None) -> ExportRecord:
+    """EMA weights + config through `save_pretrained` (safetensors), committed by export.json."""
+    folder = f"{prefix}/export/{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ema.save_pretrained(tmp, safe_serialization=True)
+        weights = store.put_payload(f"{folder}/{WEIGHTS_NAME}", (Path(tmp) / WEIGHTS_NAME).read_bytes())
+        config = store.put_payload(f"{folder}/{CONFIG_NAME}", (Path(tmp) / CONFIG_NAME).read_bytes())
+    record = ExportRecord(job=job, kind=kind, nimg=nimg, weights=weights, model_config_file=config,
+                          final_metrics=metrics or {})
+    store.commit(f"{prefix}/export.json", record)
+    return record
+
+
+def model_from_refs(store: RunStore, kind: str, weights: FileRef, config: FileRef) -> nn.Module:
+    """Verified local copies of an export's files, loaded through the real `from_pretrained` path."""
+    from worker.models.dit import DiT
+    from worker.models.router import Router
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(store.local_copy(weights), Path(tmp) / WEIGHTS_NAME)
+        shutil.copyfile(store.local_copy(config), Path(tmp) / CONFIG_NAME)
+        cls = Router if kind == "router" else DiT
+        return cls.from_pretrained(tmp, low_cpu_mem_usage=False).eval()
+
+
+def load_export(store: RunStore, prefix: str) -> tuple[nn.Module, ExportRecord]:
+    record = store.read_record(f"{prefix}/export.json", ExportRecord)
+    if record is None:
+        raise FileNotFoundError(f"{prefix}/export.json: no committed export (training not finished)")
+    return model_from_refs(store, record.kind, record.weights, record.model_config_file), record

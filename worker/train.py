@@ -1,0 +1,252 @@
+"""One training loop for experts and the router (edm2 style: progress, resume cursor and seed source are
+all `nimg`, the number of images seen). Experts minimise the flow-matching loss on their own cluster
+(paper eq. 6); the router minimises cross-entropy on cluster labels of noised samples (Algorithm 1).
+
+Every random draw of a step comes from a generator seeded by (seed, nimg) and is made for the whole
+effective batch, then sliced per worker and micro-batch, so a run resumed from any committed
+checkpoint is bit-identical on CPU, and W workers reproduce one worker up to float summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.config import IslandConfig, ModelConfig, RunConfig, TrainingConfig
+from common.manifests import ExpertManifest, ExportRecord, RouterManifest
+from common.storage import RunStore, ScopedStore, open_store
+from worker.checkpoint import latest_checkpoint, load_checkpoint, load_export, save_checkpoint, save_export
+from worker.data import DataOrder, TrainData, load_partition, mix_seed, prefetch, worker_positions
+from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
+from worker.metrics import matmul_tflops, report_progress
+from worker.models.dit import build_dit
+from worker.models.router import build_router, calibration_metrics, router_loss
+
+__all__ = ["TrainJob", "expert_job", "router_job", "train", "load_export", "job_store"]
+log = logging.getLogger(__name__)
+
+
+class TrainJob(BaseModel):
+    """Everything one training job needs; built on the driver, sent to the island as JSON."""
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str = Field(..., description="e.g. expert-03 or router")
+    kind: Literal["expert", "router", "student"]
+    prefix: str = Field(..., description="Output prefix in the run store, e.g. experts/03 or router.")
+    manifest_key: str
+    model: ModelConfig
+    training: TrainingConfig
+    batch: int = Field(..., ge=1, description="Effective images per optimizer step (all workers, all micro-batches).")
+    micro_batch: int = Field(..., ge=1, description="Images per worker per forward pass; accumulation fills the gap.")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    seed: int = 0
+    island: str = "local"
+    num_experts: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainJob":
+        if self.batch % (self.micro_batch * self.num_workers):
+            raise ValueError(f"job {self.name}: batch {self.batch} is not a multiple of micro_batch "
+                             f"{self.micro_batch} x {self.num_workers} workers")
+        return self
+
+
+def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
+    batch = config.expert_batch
+    return TrainJob(name=f"expert-{k:02d}", kind="expert", prefix=f"experts/{k:02d}",
+                    manifest_key=f"experts/{k:02d}/manifest.json", model=config.model, training=config.training,
+                    batch=batch, micro_batch=island.per_worker_batch or batch // island.num_workers,
+                    num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 100 + k),
+                    island=island.name, num_experts=config.clustering.num_experts)
+
+
+def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
+    batch = config.router.training.global_batch
+    return TrainJob(name="router", kind="router", prefix="router", manifest_key="router/manifest.json",
+                    model=config.router.model, training=config.router.training, batch=batch,
+                    micro_batch=island.per_worker_batch or batch // island.num_workers,
+                    num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 99),
+                    island=island.name, num_experts=config.clustering.num_experts)
+
+
+def job_store(store: RunStore, job: TrainJob) -> ScopedStore:
+    """The job's view (DESIGN.md §5): write under its prefix, read its manifest and listed shards only."""
+    cls = RouterManifest if job.kind == "router" else ExpertManifest
+    manifest = store.read_record(job.manifest_key, cls)
+    refs = (manifest.shards + list(getattr(manifest, "assignments", []))) if manifest else []
+    return store.scoped([job.prefix], read_only=[job.manifest_key] + sorted({r.path for r in refs}))
+
+
+def _build(job: TrainJob, data: TrainData) -> torch.nn.Module:
+    if job.kind == "router":
+        return build_router(job.model, data.latent_shape, data.num_experts, data.num_classes, data.text_dim)
+    return build_dit(job.model, data.latent_shape, data.num_classes, data.text_dim)
+
+
+def _objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps, drop) -> tuple[torch.Tensor, dict | None]:
+    cond = {"class": batch["labels"], "text": batch.get("text")}.get(job.model.conditioning)
+    cond = drop_condition(cond, drop, null_class)
+    if job.kind == "router":
+        return router_loss(model, batch["x0"], eps, t, batch["cluster"], cond)
+    return flow_matching_loss(model, batch["x0"], eps, t, cond), None
+
+
+def _crossed(nimg: int, batch: int, every: int | None) -> bool:
+    return bool(every) and nimg // every != (nimg - batch) // every
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, tc: TrainingConfig) -> None:
+    # Warmup (1 + step) / (10 + step) lets short runs use the EMA; the paper uses a flat 0.9999.
+    decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | None = None,
+          device: torch.device | None = None) -> ExportRecord:
+    """Train `job` to duration_nimg, resuming from its latest committed checkpoint; returns the export."""
+    tc, end = job.training, job.training.duration_nimg
+    done = store.read_record(f"{job.prefix}/export.json", ExportRecord)
+    if done is not None and done.nimg >= end:
+        return done
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world != job.num_workers:
+        raise ValueError(f"job {job.name}: num_workers = {job.num_workers} but the process group has {world}")
+    device = device or torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+    data = load_partition(store, job.manifest_key, job.kind)
+    torch.manual_seed(job.seed)  # identical initial weights on every worker
+    model = _build(job, data).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    nimg, step, ckpt = 0, 0, latest_checkpoint(store, job.prefix)
+    if ckpt is not None:
+        nimg, step = load_checkpoint(store, ckpt, model, ema, opt)
+        log.info("%s: resumed from %d images (step %d)", job.name, nimg, step)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    fwd = torch.compile(net) if tc.compile else net
+    bf16 = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
+    pos = worker_positions(job.batch, job.micro_batch, rank, world).to(device)
+    accum, shape, mb = job.batch // (job.micro_batch * world), data.latent_shape, job.micro_batch
+    meter = _Meter(job, model, device, rank, nimg)
+    for batch in prefetch(data, DataOrder(data.rows, job.seed), nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device):
+        gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
+        t = sample_t(job.batch, tc.timestep_sampling, gen, device)[pos]                     # [n]
+        eps = torch.randn([job.batch, *shape], generator=gen, device=device)[pos]           # [n, C, H, W]
+        drop = (torch.rand(job.batch, generator=gen, device=device) < job.model.label_dropout)[pos]
+        for m in range(accum):
+            sl = slice(m * mb, (m + 1) * mb)
+            with (net.no_sync() if world > 1 and m < accum - 1 else nullcontext()), bf16:
+                loss, stats = _objective(job, fwd, model.config.num_classes, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
+            (loss.sum() / (job.batch / world)).backward()  # DDP averages workers: the mean over the batch
+            meter.add(loss.detach(), stats)
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _update_ema(ema, model, step, tc)
+        nimg, step = nimg + job.batch, step + 1
+        if _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end:
+            meter.log(store, nimg, step, end, on_progress)
+        if rank == 0 and (_crossed(nimg, job.batch, tc.checkpoint_every_nimg) or nimg >= end):
+            save_checkpoint(store, job.prefix, job.name, nimg, step, model, ema, opt, tc.keep_checkpoints, meter.last)
+        if rank == 0 and job.kind != "router" and (_crossed(nimg, job.batch, tc.sample_every_nimg) or nimg >= end):
+            _sample_grid(store, job, ema, nimg, device)
+    if rank == 0:
+        save_export(store, job.prefix, job.name, job.kind, nimg, ema, meter.last)
+    if world > 1:
+        dist.barrier()  # every rank returns the export that rank 0 committed
+    return store.read_record(f"{job.prefix}/export.json", ExportRecord)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class _Meter:
+    """Losses and router stats since the last log; img/s, step time and MFU over the log interval."""
+
+    def __init__(self, job: TrainJob, model, device: torch.device, rank: int, nimg: int) -> None:
+        self.job, self.device, self.rank, self.last = job, device, rank, {}
+        self.flops = 3 * model.flops_per_image()  # forward + backward ~ 3x forward
+        self.peak = matmul_tflops(device, seconds=0.2) * job.num_workers if rank == 0 else 0.0
+        self.start, self.nimg0 = time.perf_counter(), nimg
+        self.losses: list[torch.Tensor] = []
+        self.stats: list[dict] = []
+
+    def add(self, loss: torch.Tensor, stats: dict | None) -> None:
+        self.losses.append(loss)
+        if stats:
+            self.stats.append(stats)
+
+    def log(self, store: RunStore, nimg: int, step: int, end: int, on_progress) -> None:
+        if self.rank != 0:
+            self.losses, self.stats = [], []
+            return
+        loss = torch.cat(self.losses).float().mean().item()  # the only host sync of the interval
+        elapsed = time.perf_counter() - self.start
+        img_s = (nimg - self.nimg0) / max(elapsed, 1e-9)
+        steps = max(1, (nimg - self.nimg0) // self.job.batch)
+        row = {"nimg": nimg, "step": step, "loss": loss, "img_per_s": img_s, "step_time_s": elapsed / steps,
+               "mfu": img_s * self.flops / (self.peak * 1e12) if self.peak else 0.0,
+               "eta_s": max(0, end - nimg) / max(img_s, 1e-9), "duration_nimg": end, "time": time.time()}
+        if self.stats:
+            row.update(calibration_metrics(*(torch.cat([s[k] for s in self.stats]).float().cpu()
+                                             for k in ("t", "correct", "conf"))))
+        store.append_text(f"{self.job.prefix}/metrics.jsonl", json.dumps(row) + "\n")
+        report_progress(self.job.name, self.job.island, row)
+        if on_progress is not None:
+            on_progress(row)
+        self.last = {k: float(v) for k, v in row.items() if k != "time"}
+        self.losses, self.stats, self.start, self.nimg0 = [], [], time.perf_counter(), nimg
+
+
+@torch.no_grad()
+def _sample_grid(store: RunStore, job: TrainJob, ema, nimg: int, device: torch.device, n: int = 16) -> None:
+    """EMA samples (Euler, 16 steps, fixed noise) as a PNG grid: classes cycle along the grid."""
+    from PIL import Image
+    cfg = ema.config
+    gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 3))
+    noise = torch.randn([n, cfg.in_channels, *cfg.input_size], generator=gen, device=device)
+    cond = torch.arange(n, device=device) % cfg.num_classes if cfg.conditioning == "class" else None
+    x = sample(lambda x, t: cfg_velocity(ema, x, t, cond, None, 1.0), noise, steps=16)  # [n, C, H, W]
+    img = ((x[:, :3] if x.shape[1] >= 3 else x[:, :1]).clamp(-1, 1) + 1) * 127.5          # [n, c, H, W]
+    side = int(n**0.5)
+    grid = img.view(side, side, img.shape[1], *img.shape[2:]).permute(0, 3, 1, 4, 2)       # [r, H, c, W, ch]
+    grid = grid.reshape(side * img.shape[2], side * img.shape[3], img.shape[1]).byte().cpu().numpy()
+    pil = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    pil = pil.resize((pil.width * max(1, 64 // cfg.input_size[1]), pil.height * max(1, 64 // cfg.input_size[0])),
+                     Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    store.write_bytes(f"{job.prefix}/samples/{nimg:012d}.png", buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.train --job JOB.json --store URL`: one job in this process (its scoped view)."""
+    parser = argparse.ArgumentParser(prog="python -m worker.train")
+    parser.add_argument("--job", required=True, help="TrainJob as a JSON file")
+    parser.add_argument("--store", required=True, help="run store URL")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    job = TrainJob.model_validate_json(open(args.job).read())
+    record = train(job, job_store(open_store(args.store), job))
+    print(json.dumps({"job": job.name, "nimg": record.nimg, "weights": record.weights.path}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
