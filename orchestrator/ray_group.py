@@ -27,11 +27,13 @@ class IslandJob:
 
     def __init__(self, job_json: str, store_url: str, storage: dict, read_write: list[str], read_only: list[str],
                  island_json: str) -> None:
-        from worker.train import TrainJob
+        from worker.train import TrainJob, job_store
 
         self.job = TrainJob.model_validate_json(job_json)
         self.island = IslandConfig.model_validate_json(island_json)
-        self.store = RunStore(store_url, StorageConfig.model_validate(storage)).scoped(read_write, read_only)
+        # Prefix-level view first, then narrowed to the exact files the job's manifest lists.
+        view = RunStore(store_url, StorageConfig.model_validate(storage)).scoped(read_write, read_only)
+        self.store = job_store(view, self.job)
         self.latest: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def _on_progress(self, progress: dict) -> None:
