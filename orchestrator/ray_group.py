@@ -37,10 +37,8 @@ class IslandJob:
         self.latest: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def _on_progress(self, progress: dict) -> None:
-        from worker.metrics import report_progress
-
+        # The training loop itself exports the Ray metrics; the actor only keeps the latest report.
         self.latest = {**self.latest, **progress}
-        report_progress(self.job.name, self.island.name, progress)
 
     def run(self) -> dict:
         if self.job.num_workers > 1:

@@ -68,14 +68,22 @@ class StatusWriter:
         self.store, self.jobs, self.fingerprint, self.every_s = store, jobs, fingerprint, every_s
         self.listener = listener
         self.last: dict[str, tuple[str, float]] = {}
+        self.retries: dict[str, int] = {}
 
     def __call__(self, state: JobState) -> None:
         if self.listener is not None:
             self.listener(state)
+        if state.retries > self.retries.get(state.name, 0):
+            from worker.metrics import count_retry
+
+            count_retry(state.name, state.island)
+            self.retries[state.name] = state.retries
+        # Write at once when the state or the node changes, else at most every `every_s`.
+        key = f"{state.status.value}|{state.progress.get('node')}"
         previous = self.last.get(state.name)
-        if previous and previous[0] == state.status.value and time.monotonic() - previous[1] < self.every_s:
+        if previous and previous[0] == key and time.monotonic() - previous[1] < self.every_s:
             return
-        self.last[state.name] = (state.status.value, time.monotonic())
+        self.last[state.name] = (key, time.monotonic())
         p = state.progress
         record = JobStatusRecord(
             job=state.name, island=state.island, state=state.status.value, attempts=state.attempts,
