@@ -7,8 +7,6 @@ relative keys plus its own `ensemble.json`, so a folder loads exactly like a run
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -18,25 +16,17 @@ from torch import Tensor
 from common.config import StorageConfig
 from common.manifests import EnsembleManifest, EnsembleMember
 from common.storage import RunStore
+from worker.checkpoint import model_from_refs
 from worker.sampler import STRATEGIES, EnsembleVelocity, SamplerError, as_time, guided, posterior
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained looks for
 
 
 class EnsembleError(RuntimeError):
     """The ensemble cannot be loaded or used; one line naming the file or argument."""
 
 
-def load_member(store: RunStore, member: EnsembleMember, cls: type) -> torch.nn.Module:
-    """Materialise a member's verified payloads as a diffusers folder and `from_pretrained` it."""
-    folder = Path(tempfile.mkdtemp(prefix="ddm-member-"))
-    try:
-        (folder / WEIGHTS_NAME).symlink_to(store.local_copy(member.weights))
-        (folder / "config.json").symlink_to(store.local_copy(member.model_config_file))
-        model = cls.from_pretrained(str(folder))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return model.eval().requires_grad_(False)
+def load_member(store: RunStore, member: EnsembleMember, kind: str) -> torch.nn.Module:
+    """A member's verified payloads through the real `from_pretrained` path, frozen for inference."""
+    return model_from_refs(store, kind, member.weights, member.model_config_file).requires_grad_(False)
 
 
 class Ensemble:
@@ -51,17 +41,14 @@ class Ensemble:
     @classmethod
     def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None, device: str = "cpu",
              key: str = "ensemble.json") -> "Ensemble":
-        from worker.models.dit import DiT
-        from worker.models.router import Router
-
         store = uri_or_store if isinstance(uri_or_store, RunStore) else RunStore(str(uri_or_store), storage)
         manifest = store.read_record(key, EnsembleManifest)
         if manifest is None:
             raise EnsembleError(f"{store.url}/{key}: not committed (has the gather stage run?)")
         experts: list[torch.nn.Module | None] = [None] * manifest.num_experts
         for member in manifest.experts:
-            experts[member.expert] = load_member(store, member, DiT).to(device)
-        router = load_member(store, manifest.router, Router).to(device) if manifest.router else None
+            experts[member.expert] = load_member(store, member, "expert").to(device)
+        router = load_member(store, manifest.router, "router").to(device) if manifest.router else None
         if router is None and len(manifest.experts) > 1:
             raise EnsembleError(f"{store.url}/{key}: {len(manifest.experts)} experts but no router")
         return cls(manifest, experts, router, store)

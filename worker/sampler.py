@@ -155,3 +155,11 @@ class EnsembleVelocity:
         self.calls += 1
         t = as_time(t, x)
         return mixture_velocity(x, t, self.cond, self.experts, self.weights(x, t))
+
+
+def save_grid(ensemble, latents: Tensor, path, labels: Sequence | None = None, title: str | None = None):
+    """Decode `latents` with the ensemble's decoder and write a labelled grid PNG; returns the path."""
+    from worker.grid import write_grid
+
+    return write_grid(ensemble.decode(latents), path, labels=None if labels is None else [str(x) for x in labels],
+                      title=title)
