@@ -51,7 +51,12 @@ class IslandJob:
             from worker.train import train
 
             export = train(self.job, self.store, on_progress=self._on_progress)
-        return {"nimg": export.nimg, "access_log": list(self.store.access_log)}
+        import torch.distributed as dist
+
+        # Evidence for the isolation contract: what this job touched, and that no process group
+        # outlives it (multi-worker islands form theirs inside Ray Train, among their own workers).
+        return {"nimg": export.nimg, "access_log": list(self.store.access_log),
+                "process_group_left": dist.is_available() and dist.is_initialized()}
 
     def progress(self) -> dict:
         return dict(self.latest)

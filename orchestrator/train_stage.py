@@ -103,7 +103,8 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
     done = reconcile_outputs(store, list(jobs), fingerprint)
     capacity = {i.name: i.concurrency for i in config.islands.pool}
     status = StatusWriter(store, jobs, fingerprint, listener=listener)
-    controller = TrainController(placements, capacity, make_group(jobs), config.islands.max_retries,
+    group = make_group(jobs)
+    controller = TrainController(placements, capacity, group, config.islands.max_retries,
                                  done=done, on_change=status)
     result: ControllerResult = controller.run(poll_s=1.0, on_tick=on_tick)
     for state in result.states.values():
@@ -119,8 +120,19 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
               "retries": sum(s.retries for s in result.states.values())}
     return StageResult(counts=counts, details={
         "missing": missing, "placement": {p.job: p.island for p in placements},
+        "access": summarize_access(getattr(group, "outcomes", {})),
         "retries": {n: s.retries for n, s in result.states.items()},
         "skipped_jobs": sorted(done)})
+
+
+def summarize_access(outcomes: dict[str, dict]) -> dict[str, dict]:
+    """Per job, the folders it read and wrote in the run store (recorded to prove isolation)."""
+    out = {}
+    for job, outcome in outcomes.items():
+        log_ = outcome.get("access_log", [])
+        out[job] = {mode: sorted({key.rsplit("/", 1)[0] for m, key in log_ if m == mode}) for mode in ("read", "write")}
+        out[job]["process_group_left"] = bool(outcome.get("process_group_left"))
+    return out
 
 
 __all__ = ["run_train_stage", "job_scope", "prefix_of", "build_jobs", "TrainFailed", "job_name"]

@@ -68,6 +68,7 @@ def ray_session():
     temp = f"/tmp/ddmt{os.getpid()}"  # short: Unix socket paths are capped near 107 bytes
     ray.init(num_cpus=2, resources={"island-a": 4.0, "island-b": 4.0}, include_dashboard=False,
              object_store_memory=150 * 2**20, _temp_dir=temp, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
