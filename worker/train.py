@@ -128,7 +128,8 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     torch.manual_seed(job.seed)  # identical initial weights on every worker
     model = _build(job, data).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel, not one per tensor
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
     nimg, step, ckpt = 0, 0, latest_checkpoint(store, job.prefix)
     if ckpt is not None:
         nimg, step = load_checkpoint(store, ckpt, model, ema, opt)
