@@ -71,16 +71,21 @@ def _open_upright(data: bytes, size: int, max_pixels: int) -> Image.Image:
         img.seek(0)  # animated: first frame
     if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
         img.draft(img.mode, (size, size))  # decode at a reduced DCT scale, never below `size`
-    try:
-        img.load()
-        return ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as exc:
-        raise Quarantined(f"decompression_bomb: {exc}") from None
-    except (OSError, SyntaxError, EOFError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "truncated" in msg or "broken" in msg or "ended" in msg or isinstance(exc, EOFError):
-            raise Quarantined(f"truncated: {msg}") from None
-        raise Quarantined(f"decode_error: {type(exc).__name__}: {msg}") from None
+    img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def _classify(exc: BaseException) -> Quarantined:
+    """A decoder exception -> the quarantine reason (truncation is told apart by Pillow's wording)."""
+    if isinstance(exc, Quarantined):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return Quarantined(f"decompression_bomb: {exc}")
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    low = msg.lower()
+    if isinstance(exc, EOFError) or any(w in low for w in ("truncated", "broken", "ended", "premature")):
+        return Quarantined(f"truncated: {msg}")
+    return Quarantined(f"decode_error: {type(exc).__name__}: {msg}")
 
 
 def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -120,11 +125,8 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> np.n
         try:
             img = _normalise_mode(_open_upright(data, size, max_pixels), channels)
             img = _resize_crop(img, size)
-        except Quarantined:
-            raise
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the stage
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            raise Quarantined(f"decode_error: {type(exc).__name__}: {msg}") from None
+            raise _classify(exc) from None
     if img.mode == "F":
         arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[..., None]
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -61,6 +62,7 @@ class BatchOut:
     hashes: list[str | None]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     captions: list[str | None] = field(default_factory=list)
+    pid: int = 0  # the process that encoded it (Ray actors report theirs)
 
 
 def _thumbs(x: torch.Tensor) -> np.ndarray:
@@ -98,7 +100,7 @@ def process_batch(items: list[Item], fs: Any, data: DataConfig, encoders: Encode
         hashes.append(digest)
         pixels.append(np.asarray(x, dtype=np.float32))
         captions.append(caption)
-    out = BatchOut(reasons, hashes, captions=captions)
+    out = BatchOut(reasons, hashes, captions=captions, pid=os.getpid())
     if pixels:
         x = torch.from_numpy(np.stack(pixels))                                  # [B, C, H, W]
         out.arrays = encoders(x, captions)
@@ -171,10 +173,11 @@ class ShardWriter:
     def _fit_pca(self) -> None:
         feats = np.concatenate([b["features"] for b in self.buffer])[:PCA_FIT_ROWS].astype(np.float64)
         mean = feats.mean(0)
-        _, s, vt = np.linalg.svd(feats - mean, full_matrices=False)
-        dim = min(self.pca_dim, vt.shape[0])
-        self.pca = (mean.astype(np.float32), vt[:dim].T.astype(np.float32))
-        var = s ** 2
+        centred = torch.from_numpy(feats - mean)
+        var, vecs = torch.linalg.eigh(centred.T @ centred)      # D x D covariance: cheap for pixel features
+        var, vecs = var.flip(0).clamp_min(0).numpy(), vecs.flip(1).numpy()
+        dim = min(self.pca_dim, len(var))
+        self.pca = (mean.astype(np.float32), np.ascontiguousarray(vecs[:, :dim], dtype=np.float32))
         self.pca_info = {"dim": dim, "fit_rows": len(feats), "explained_variance": float(var[:dim].sum() / var.sum())}
 
     def _flush(self, final: bool) -> None:
@@ -228,8 +231,10 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
     quarantine: list[QuarantineEntry] = []
     first_seen: dict[str, str] = {}
     scale: dict[str, float] = {}
+    pids: set[int] = set()
     with tqdm(total=len(items), desc="prepare", unit="img", mininterval=1.0) as bar:
         for batch, out in zip(batches, _encode_all(config, found.fs, batches)):
+            pids.add(out.pid)
             keep = []
             for item, reason, digest in zip(batch, out.reasons, out.hashes):
                 if reason is None:
@@ -279,4 +284,4 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
         counts={"discovered": len(items), "used": used, "quarantined": len(quarantine), "shards": len(writer.shards)},
         outputs=[FileRef(path=s.path, sha256=s.sha256, size=s.size) for s in writer.shards] + [qref],
         details={"quarantine_reasons": kinds, "latent_shape": writer.shape["latents"],
-                 "feature_dim": writer.shape["features"][0]})
+                 "feature_dim": writer.shape["features"][0], "encode_processes": sorted(pids)})

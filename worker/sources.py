@@ -4,10 +4,10 @@ Discovery only lists: it records paths, byte ranges and sizes, never pixels, so 
 large sources; workers read and decode items later (worker/decode.py). Built-in sources generate
 their arrays directly ([C, H, W] float32 in [-1, 1]).
 
-Labels (`data.label_source`): `folder` = parent folder name (sorted names -> 0..n-1; files at the root
-get -1); `file` = `labels.jsonl` ({"key": ..., "label": ...}) or `labels.csv` (key,label), keyed by
+Labels (`data.label_source`): `folder` = the top-level folder under the source, as in ImageFolder
+(sorted names -> 0..n-1; deeper nesting stays in that class; files at the root get -1); `file` = `labels.jsonl` ({"key": ..., "label": ...}) or `labels.csv` (key,label), keyed by
 the path relative to the source with or without extension (tar shards: the sample key);
-`builtin` = the source's own labels (built-ins; the parent folder for image folders, the `.cls` or
+`builtin` = the source's own labels (built-ins; the class folder for image folders, the `.cls` or
 `.json` "label" for tar shards); `none` = -1 everywhere.
 """
 
@@ -169,7 +169,7 @@ def _image_folder(fs: Any, root: str, data: DataConfig) -> Discovery:
         caption = (cap, 0, int(listing[cap].get("size") or 0), "txt") if data.captions and cap in present else None
         items.append(Item(source=rel, path=path, size=int(listing[path].get("size") or 0), caption=caption))
         if data.label_source in ("folder", "builtin"):
-            raw.append(posixpath.dirname(rel).split("/")[-1] or None)
+            raw.append(rel.split("/", 1)[0] if "/" in rel else None)
         elif data.label_source == "file":
             raw.append(table.get(rel, table.get(stem)))
         else:
