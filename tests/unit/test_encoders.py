@@ -1,0 +1,106 @@
+"""Encoders through the real `from_pretrained` paths, on tiny random models saved to a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import worker.encoders as enc
+from common.config import FeaturesConfig, LatentsConfig, RunConfig, TextConfig
+from common.manifests import DatasetManifest
+from common.storage import RunStore
+from worker.prepare import prepare_data
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """DINOv2, AutoencoderKL (scale 0.5, shift 0.1) and CLIP text + tokenizer, built from configs."""
+    from diffusers import AutoencoderKL
+    from transformers import (BitImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config,
+                              Dinov2Model)
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(root / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
+                  shift_factor=0.1).save_pretrained(root / "sd" / "vae")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(letters)})
+    vocab.update({c + "</w>": i + 2 + len(letters) for i, c in enumerate(letters)})
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(root / "clip")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(root / "clip")
+    return root
+
+
+def test_each_encoder_loads_from_a_saved_directory(tiny_models):
+    encoders = enc.Encoders(FeaturesConfig(extractor="dinov2", model=str(tiny_models / "dino"), batch_size=3),
+                            LatentsConfig(encoder="vae", model=str(tiny_models / "sd"), subfolder="vae", batch_size=2),
+                            TextConfig(encoder="clip", model=str(tiny_models / "clip"), max_length=16))
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    before = enc.ENCODE_CALLS
+    out = encoders(x, ["a red circle", "a blue square", None, "b", "c"])
+    assert enc.ENCODE_CALLS == before + 1
+    assert out["features"].shape == (5, 32) and out["latents"].shape == (5, 4, 8, 8)
+    assert out["text_pooled"].shape == (5, 32) and out["text_tokens"].shape == (5, 16, 32)
+    # the pooled DINOv2 output, batched or not
+    single = enc.Encoders(FeaturesConfig(extractor="dinov2", model=str(tiny_models / "dino")), LatentsConfig(),
+                          TextConfig())(x[:1])["features"]
+    assert np.allclose(single, out["features"][:1], atol=1e-5)
+    # latents respect scaling_factor / shift_factor, and decode_latents inverts the scaling
+    vae = enc.load_vae(str(tiny_models / "sd"), "vae")
+    with torch.no_grad():
+        raw = vae.encode(x).latent_dist.mean
+    assert np.allclose(out["latents"], ((raw - 0.1) * 0.5).numpy(), atol=1e-5)
+    with torch.no_grad():
+        expected = vae.decode(raw).sample.clamp(-1, 1)
+    assert torch.allclose(enc.decode_latents(vae, torch.from_numpy(out["latents"])), expected, atol=1e-4)
+    # different captions give different embeddings; the same caption the same
+    again = encoders(x[:2], ["a red circle", "a red circle"])
+    assert np.allclose(again["text_pooled"][0], out["text_pooled"][0], atol=1e-5)
+    assert not np.allclose(out["text_pooled"][0], out["text_pooled"][1])
+
+
+def test_grayscale_inputs_are_replicated_for_rgb_models(tiny_models):
+    encoders = enc.Encoders(FeaturesConfig(extractor="dinov2", model=str(tiny_models / "dino")),
+                            LatentsConfig(encoder="vae", model=str(tiny_models / "sd"), subfolder="vae"), TextConfig())
+    out = encoders(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert out["features"].shape == (2, 32) and out["latents"].shape == (2, 4, 8, 8)
+
+
+def test_missing_model_is_a_one_line_error():
+    with pytest.raises(ValueError, match="^features.model: required for extractor dinov2"):
+        enc.Encoders(FeaturesConfig(extractor="dinov2"), LatentsConfig(), TextConfig())
+
+
+def test_prepare_with_vae_dinov2_and_clip(tiny_models, tmp_path):
+    cfg = RunConfig.model_validate({
+        "data": {"source": "builtin:shapes", "image_size": 16, "channels": 3, "captions": True, "gmm_items": 12,
+                 "shard_rows": 8},
+        "features": {"extractor": "dinov2", "model": str(tiny_models / "dino")},
+        "latents": {"encoder": "vae", "model": str(tiny_models / "sd"), "subfolder": "vae"},
+        "text": {"encoder": "clip", "model": str(tiny_models / "clip"), "max_length": 8},
+        "clustering": {"num_experts": 2}, "training": {"global_batch": 8}})
+    store = RunStore(str(tmp_path / "run"))
+    result = prepare_data(cfg, store)
+    assert result.counts == {"discovered": 12, "used": 12, "quarantined": 0, "shards": 2}
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    assert ds.latent_shape == [4, 8, 8] and ds.feature_dim == 32 and ds.text_dim == 32
+    assert ds.latent_scale == {"scaling_factor": 0.5, "shift_factor": 0.1}
+    from safetensors.numpy import load
+
+    shard = load(store.get_payload(ds.shards[0]))
+    assert shard["text_tokens"].shape == (8, 8, 32) and shard["thumbs"].shape == (8, 16, 16, 3)
+    captions = [json.loads(line)["caption"] for line in store.read_bytes(ds.extra["captions"][0]["path"]).decode().splitlines()]
+    assert all(c.startswith("a ") for c in captions)
