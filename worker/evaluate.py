@@ -31,6 +31,7 @@ from worker.evalmath import (GMM, DigitClassifier, digits_data, frechet_distance
 from worker.sampler import STRATEGIES
 
 FLOP_BATCH = 8  # samples per FLOP count: the count is exact per sample, a small batch suffices
+FLOP_STEPS = 4
 
 
 class EvalError(RuntimeError):
@@ -58,10 +59,18 @@ def sampling_kwargs(config: RunConfig, strategy: str) -> dict[str, Any]:
 
 
 def gflops_per_sample(ensemble: Ensemble, kwargs: dict[str, Any], seed: int) -> float:
-    """Measured forward FLOPs of one full sampling trajectory (every step, router included)."""
+    """Measured forward FLOPs of one sampling trajectory per sample (router included).
+
+    The counter's per-op overhead is large on CPU, so it runs a trajectory of at most FLOP_STEPS
+    steps and scales by the number of velocity evaluations (Euler: steps, Heun: 2 steps - 1); for
+    adaptive strategies (threshold, nucleus) this samples the expert count along a shorter path.
+    """
+    steps = kwargs["steps"]
+    counted = min(steps, FLOP_STEPS)
+    evals = (lambda s: 2 * s - 1) if kwargs["solver"] == "heun" else (lambda s: s)
     with FlopCounterMode(display=False) as counter:
-        ensemble.sample(FLOP_BATCH, seed=seed, **kwargs)
-    return counter.get_total_flops() / FLOP_BATCH / 1e9
+        ensemble.sample(FLOP_BATCH, seed=seed, **{**kwargs, "steps": counted})
+    return counter.get_total_flops() / FLOP_BATCH / 1e9 * evals(steps) / evals(counted)
 
 
 # ---- digits ----------------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""`ddm report`: one static HTML file plus PNGs (no server, no network assets) from a run store.
+
+Sections: cluster sizes and thumbnails, per-job loss curves, router accuracy by t, sample grids per
+expert and per ensemble strategy, and the evaluation table (run when absent unless told not to).
+Rendering only: every number comes from the run store or from the worker's sampler and evaluator.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import RunConfig  # noqa: E402
+from common.manifests import ClusterManifest, EnsembleManifest  # noqa: E402
+from common.storage import RunStore  # noqa: E402
+
+GRID_N = 32
+
+
+def _jsonl(store: RunStore, key: str) -> list[dict]:
+    if not store.exists(key):
+        return []
+    return [json.loads(line) for line in store.read_bytes(key).decode().splitlines() if line.strip()]
+
+
+def _img(name: str, caption: str) -> str:
+    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _clusters(store: RunStore, out: Path, ensemble) -> str:
+    manifest = store.read_record("clusters/clusters.json", ClusterManifest)
+    if manifest is None:
+        return "<p>No committed clusters/clusters.json.</p>"
+    fig, ax = plt.subplots(figsize=(5, 2.5))
+    ax.bar(range(len(manifest.sizes)), manifest.sizes, color="#4477aa")
+    ax.set_xlabel("cluster / expert")
+    ax.set_ylabel("rows")
+    ax.set_xticks(range(len(manifest.sizes)))
+    fig.tight_layout()
+    fig.savefig(out / "cluster_sizes.png", dpi=100)
+    plt.close(fig)
+    parts = [_img("cluster_sizes.png", f"cluster sizes ({manifest.method}, {manifest.metric})")]
+    from worker.data import load_partition
+    from worker.grid import write_grid
+
+    data = load_partition(store, "router/manifest.json", "router")
+    for k in range(manifest.num_experts):  # thumbnails: the first rows of each cluster, decoded
+        rows = (data.cluster == k).nonzero().squeeze(1)[:16]
+        if rows.numel():
+            write_grid(ensemble.decode(data.latents[rows]), out / f"cluster_{k:02d}.png", nrow=8)
+            parts.append(_img(f"cluster_{k:02d}.png", f"cluster {k}: {manifest.sizes[k]} rows"))
+    return "".join(parts)
+
+
+def _curves(store: RunStore, out: Path, K: int) -> str:
+    jobs = [f"experts/{k:02d}" for k in range(K)] + ["router", "student"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    drawn = 0
+    for prefix in jobs:
+        rows = _jsonl(store, f"{prefix}/metrics.jsonl")
+        if rows:
+            ax.plot([r["nimg"] for r in rows], [r["loss"] for r in rows], label=prefix, marker=".")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return "<p>No metrics.jsonl found.</p>"
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    return _img("loss_curves.png", "training loss per job (experts: flow matching, router: cross-entropy)")
+
+
+def _router(store: RunStore, out: Path) -> str:
+    rows = _jsonl(store, "router/metrics.jsonl")
+    acc = {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("acc_t")}
+    if not acc:
+        return "<p>No router accuracy recorded.</p>"
+    fig, ax = plt.subplots(figsize=(5, 2.5))
+    labels = [k.removeprefix("acc_t") for k in acc]
+    ax.bar(labels, list(acc.values()), color="#228833")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("t bucket")
+    ax.set_ylabel("top-1 accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "router_accuracy.png", dpi=100)
+    plt.close(fig)
+    ece = rows[-1].get("ece")
+    note = f" (at {rows[-1]['nimg']:,} images; ECE {ece:.3f})" if ece is not None else ""
+    return _img("router_accuracy.png", "router accuracy by t: low t is easy (clean image), t -> 1 is chance" + note)
+
+
+def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
+    from worker.distill import load_student
+    from worker.sampler import save_grid
+
+    s = config.sampling
+    common = dict(steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale, seed=config.seed)
+    classes = ensemble.classes_for(GRID_N, None)
+    labels = None if classes is None else [str(int(c)) for c in classes]
+    parts = ["<h3>Ensemble</h3>"]
+    for strategy in dict.fromkeys(["top1", *config.eval.strategies]):
+        x = ensemble.sample(GRID_N, strategy=strategy, top_k=s.top_k, **common)
+        save_grid(ensemble, x, out / f"ensemble_{strategy}.png", labels=labels, title=strategy)
+        parts.append(_img(f"ensemble_{strategy}.png", f"ensemble, {strategy}"))
+    student = load_student(store)
+    if student is not None:
+        save_grid(student, student.sample(GRID_N, **common), out / "student.png", labels=labels, title="student")
+        parts.append(_img("student.png", "distilled dense student"))
+    parts.append("<h3>Each expert alone</h3>")
+    for k in ensemble.present_ids:
+        x = ensemble.sample(16, strategy="single", expert=k, **common)
+        save_grid(ensemble, x, out / f"expert_{k:02d}.png", labels=labels[:16] if labels else None, title=f"expert {k}")
+        parts.append(_img(f"expert_{k:02d}.png", f"expert {k} on every class"))
+    return "".join(parts)
+
+
+def _eval(store: RunStore, config: RunConfig, run_eval: bool) -> str:
+    if not store.exists("eval/results.json") and run_eval:
+        from worker.evaluate import evaluate
+
+        evaluate(store, config)
+    if not store.exists("eval/results.json"):
+        return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
+    results = json.loads(store.read_bytes("eval/results.json"))
+    keys = list(dict.fromkeys(k for r in results["rows"] for k in r))
+    parts = [_table([[r.get(k, "") for k in keys] for r in results["rows"]], keys)]
+    if results.get("reference"):
+        parts.append("<p>Reference: " + html.escape(", ".join(f"{k} = {v}" for k, v in results["reference"].items())) + "</p>")
+    fields = results.get("gmm_fields")
+    if fields:
+        fk = [k for k in fields if k != "t"]
+        parts.append("<p>GMM: router and ensemble velocity against the closed forms, per t</p>")
+        parts.append(_table([[t] + [fields[k][i] for k in fk] for i, t in enumerate(fields["t"])], ["t"] + fk))
+    parts += [f"<p>{html.escape(n)}</p>" for n in results.get("notes", [])]
+    return "".join(parts)
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+figure{display:inline-block;margin:6px;vertical-align:top}figcaption{font-size:12px;color:#555}
+img{image-rendering:pixelated;border:1px solid #ddd}table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"""
+
+
+def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True) -> Path:
+    """Render the report into `out`; returns the path of index.html."""
+    from worker.ensemble import Ensemble
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        return _render(store, config, out, run_eval, Ensemble.load(store))
+
+
+def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensemble) -> Path:
+    manifest: EnsembleManifest = ensemble.manifest
+    missing = f"; missing experts {manifest.missing}" if manifest.missing else ""
+    body = [
+        f"<h1>DDM run {html.escape(config.name)}</h1>",
+        f"<p>{html.escape(store.url)}: {config.data.source}, K = {manifest.num_experts}{missing}, "
+        f"model {config.model.size}/{config.model.patch_size}, {config.training.duration_nimg:,} images per expert.</p>",
+        "<h2>Clusters</h2>", _clusters(store, out, ensemble),
+        "<h2>Training</h2>", _curves(store, out, manifest.num_experts), _router(store, out),
+        "<h2>Samples</h2>", _grids(store, config, out, ensemble),
+        "<h2>Evaluation</h2>", _eval(store, config, run_eval),
+    ]
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>DDM {html.escape(config.name)}</title>" \
+           f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index

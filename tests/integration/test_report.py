@@ -1,0 +1,112 @@
+"""`ddm report` / `ddm eval` / `ddm sample` / `ddm export` / `ddm distill` on a briefly trained digits run."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.storage import RunStore
+from orchestrator.cli import main
+from tests.integration.ensemble_runs import digits_config, digits_run, train_all
+from worker.gather import gather
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    torch.set_num_threads(1)
+    url = str(tmp_path_factory.mktemp("digits") / "run")
+    c = digits_config(url, K=2).model_dump(mode="json")
+    c["training"].update(duration_nimg=1024, log_every_nimg=256, global_batch=128)
+    c["router"]["training"].update(duration_nimg=1024, log_every_nimg=256)
+    from common.config import RunConfig
+
+    config = RunConfig.model_validate(c)
+    store = RunStore(url)
+    digits_run(store, config)
+    train_all(store, config)
+    gather(config, store)
+    return url
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.srcs.append(attrs["src"])
+        if "href" in attrs:
+            self.hrefs.append(attrs["href"])
+
+
+def test_eval_writes_table_and_json(trained_digits, capsys):
+    assert main(["eval", trained_digits, "--json", "--n", "20"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in results["rows"]] == ["top1", "full", "oracle"]
+    for row in results["rows"]:
+        assert 0 <= row["class_acc"] <= 1 and row["fd"] > 0 and row["gflops_per_sample"] > 0
+    by = {r["strategy"]: r["gflops_per_sample"] for r in results["rows"]}
+    assert by["full"] > 1.6 * by["top1"]  # full runs both experts; top-1 one (+ the router)
+    assert results["reference"]["classifier_heldout_accuracy"] > 0.9
+    store = RunStore(trained_digits)
+    assert json.loads(store.read_bytes("eval/results.json"))["rows"] == results["rows"]
+    md = store.read_bytes("eval/results.md").decode()
+    assert "| strategy | gflops_per_sample | fd | class_acc |" in md
+
+
+def test_report_renders_and_every_image_exists(trained_digits, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", trained_digits, "--out", str(out)]) == 0
+    index = Path(capsys.readouterr().out.strip())
+    assert index == out / "index.html"
+    page = index.read_text()
+    refs = _Refs()
+    refs.feed(page)
+    assert len(refs.srcs) >= 2 + 2 + 3 + 2  # sizes + thumbnails, curves + router, strategy grids, experts
+    for src in refs.srcs:
+        assert not re.match(r"^[a-z]+:", src), f"{src}: reports may not reference network or absolute assets"
+        assert (out / src).is_file() and (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    assert not refs.hrefs and "http" not in page.split("</style>")[1]
+    for section in ("Clusters", "Training", "Samples", "Evaluation", "class_acc"):
+        assert section in page
+
+
+def test_sample_export_and_bad_usage(trained_digits, tmp_path, capsys):
+    for strategy in ("top1", "topk", "full", "sample", "threshold", "nucleus", "oracle"):
+        out = tmp_path / f"{strategy}.png"
+        assert main(["sample", trained_digits, "--n", "8", "--steps", "3", "--strategy", strategy, "--cfg", "2",
+                     "--out", str(out)]) == 0
+        assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["sample", trained_digits, "--n", "4", "--strategy", "single", "--expert", "1", "--class", "3",
+                 "--out", str(tmp_path / "one.png")]) == 0
+    capsys.readouterr()
+    assert main(["sample", trained_digits, "--class", "11"]) == 2
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert main(["sample", trained_digits, "--strategy", "single"]) == 2
+    assert main(["sample", trained_digits, "--student"]) == 2
+    assert main(["export", trained_digits, str(tmp_path / "exp")]) == 0
+    assert main(["export", trained_digits, str(tmp_path / "exp")]) == 2  # not empty
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 5 and all(e.startswith("error: ") for e in errors), errors
+    assert "--class 11: out of range [0, 9]" in errors[0] and "no run.json" in errors[1]
+    assert main(["sample", str(tmp_path / "exp"), "--n", "4", "--steps", "2"]) == 2  # a folder has no run.json
+
+
+def test_distill_student_samples_and_is_evaluated(trained_digits, tmp_path, capsys):
+    assert main(["distill", trained_digits, "--nimg", "512", "--batch", "64"]) == 0
+    assert main(["sample", trained_digits, "--student", "--n", "8", "--steps", "3",
+                 "--out", str(tmp_path / "student.png")]) == 0
+    assert (tmp_path / "student.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", trained_digits, "--json", "--n", "20", "--strategies", "top1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["strategy"] for r in rows] == ["top1", "student (dense)"]
+    assert rows[1]["gflops_per_sample"] < rows[0]["gflops_per_sample"]  # no router
