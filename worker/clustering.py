@@ -131,10 +131,12 @@ def fit_two_stage(sample: torch.Tensor, num_fine: int, num_coarse: int, iteratio
     num_fine = min(max(num_fine, num_coarse), n)
     fine = kmeans(sample, num_fine, iterations, metric, seed)
     live = fine.counts > 0
+    if int(live.sum()) < num_coarse:  # degenerate data (e.g. identical points): keep every fine centroid,
+        live = torch.ones_like(live)  # so the stage reports the empty cluster rather than failing here
     best: KMeansResult | None = None
     for r in range(restarts if num_coarse > 1 else 1):
         res = kmeans(fine.centroids[live], num_coarse, max(iterations, 50), metric, seed + 1 + r,
-                     weights=fine.counts[live], init="kmeans++")
+                     weights=fine.counts[live].clamp_min(1e-6), init="kmeans++")
         if best is None or res.inertia < best.inertia:
             best = res
     assert best is not None
@@ -184,7 +186,7 @@ class BalancedAssigner:
 
 def balanced_capacity(rows: int, k: int, max_fraction: float) -> int:
     """Cap = ceil(max_fraction * rows); refuses a cap that cannot hold all rows."""
-    cap = math.ceil(max_fraction * rows)
+    cap = math.ceil(max_fraction * rows - 1e-9)  # 0.55 * 900 is 495.00000000000006 in floats
     if cap * k < rows:
         raise ValueError(f"clustering.max_cluster_fraction = {max_fraction} x K = {k} < 1: "
                          f"{k} clusters of at most {cap} rows cannot hold {rows} rows")

@@ -16,6 +16,9 @@ from common.manifests import DatasetManifest
 from common.storage import RunStore
 from worker.decode import Quarantined, decode_caption, decode_image
 from worker.prepare import prepare_data
+import torch
+
+torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 
 
 def png(img: Image.Image, **kw) -> bytes:

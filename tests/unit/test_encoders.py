@@ -15,6 +15,8 @@ from common.manifests import DatasetManifest
 from common.storage import RunStore
 from worker.prepare import prepare_data
 
+torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
+
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):

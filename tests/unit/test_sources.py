@@ -19,6 +19,9 @@ from common.storage import RunStore
 from tests.unit.test_decode import gradient, jpeg, png
 from worker.prepare import prepare_data
 from worker.sources import SourceError, discover, gmm_parameters
+import torch
+
+torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 
 
 def config(source: str, **data) -> RunConfig:
