@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -74,6 +75,24 @@ def _explicit_address() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _auth_headers(url: str) -> dict[str, str]:
+    """Ray's token auth, as `ray start` applies it: with RAY_AUTH_MODE unset, a local token
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is offered to a loopback job server
+    only (a laptop cluster, a tunnel or a port-forward). RAY_AUTH_MODE=token lets the SDK send it
+    anywhere; RAY_AUTH_MODE=disabled sends nothing."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return {}
+    host = (urlsplit(url if "://" in url else f"http://{url}").hostname or "").lower()
+    if host not in {"127.0.0.1", "localhost", "::1"}:
+        return {}
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    if not loader.has_token(ignore_auth_mode=True):
+        return {}
+    return {"authorization": "Bearer " + loader.get_raw_token(ignore_auth_mode=True)}
+
+
 def connect(address: str | None) -> Any:
     """A JobSubmissionClient for the cluster, or SubmitError naming the address."""
     from ray.job_submission import JobSubmissionClient
@@ -81,9 +100,12 @@ def connect(address: str | None) -> Any:
     url = resolve_address(address)
     try:
         with _explicit_address():
-            return JobSubmissionClient(url)
+            return JobSubmissionClient(url, headers=_auth_headers(url))
     except Exception as exc:  # the SDK raises ConnectionError, ValueError or RuntimeError here
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if reason.startswith("Authentication"):
+            raise SubmitError(f"the Ray job server at {url} refused us ({reason}); give it the cluster's token "
+                              f"in RAY_AUTH_TOKEN and set RAY_AUTH_MODE=token") from None
         detail = "" if url in reason else f" ({reason})"
         raise SubmitError(f"no Ray job server answers at {url}{detail}; start one with `ray start --head` "
                           f"or pass --address") from None
@@ -101,9 +123,9 @@ def follow_logs(client: Any, job_id: str, out: Any = None) -> None:
     asyncio.run(tail())
 
 
-def wait_terminal(client: Any, job_id: str, timeout_s: float = 30.0) -> str:
-    """The log stream can close a moment before the status flips; poll briefly for the final one."""
-    deadline = time.monotonic() + timeout_s
+def wait_terminal(client: Any, job_id: str, timeout_s: float | None = 30.0) -> str:
+    """The job's status once it is final, or its last status after timeout_s (None = no limit)."""
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
     status = str(client.get_job_status(job_id).value)
     while status not in TERMINAL and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -121,20 +143,29 @@ def submit(address: str | None, run_args: list[str], working_dir: str = ".",
     client = connect(address)
     entrypoint = build_entrypoint(run_args)
     env = build_runtime_env(working_dir, runtime_env)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
-                               metadata={"ddm": "1", "entrypoint": entrypoint[:200]})
     url = client.get_address()
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
+                                   metadata={"ddm": "1", "entrypoint": entrypoint[:200]})
+    except Exception as exc:  # e.g. a working dir over the upload limit, a bad runtime env field
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SubmitError(f"the Ray job server at {url} refused the job: {reason}") from None
     print(f"submitted job {job_id} to {url}: {entrypoint}", flush=True)
     if not follow:
         print(f"follow it with: ray job logs --follow {job_id} --address {url}", flush=True)
         return str(client.get_job_status(job_id).value)
+    timeout_s: float | None = 30.0  # the log stream closes a moment before the status flips
     try:
         follow_logs(client, job_id)
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} keeps running (ray job stop {job_id} --address {url})",
               file=sys.stderr)
         return str(client.get_job_status(job_id).value)
-    status = wait_terminal(client, job_id)
+    except Exception as exc:  # a dropped websocket must not lose the job's outcome
+        print(f"log stream lost ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+              f"waiting for job {job_id} to finish", file=sys.stderr)
+        timeout_s = None
+    status = wait_terminal(client, job_id, timeout_s)
     print(f"job {job_id}: {status}", flush=True)
     return status
 
