@@ -8,8 +8,8 @@ Store layout written here (DESIGN.md §4):
     data/quarantine.jsonl             {"source", "reason"} per item not used (always written)
     data/dataset.json                 DatasetManifest, committed LAST
 
-Decoding and encoding run on Ray actors when Ray is initialised (one encoder set per actor, built
-once), in this process otherwise. Results come back in discovery order, so shards, the duplicate
+Decoding and encoding run on Ray actors when Ray is initialised and there is more than one batch
+(one encoder set per actor, built once), in this process otherwise. Results come back in discovery order, so shards, the duplicate
 check (first occurrence wins) and row indices are deterministic whatever the parallelism.
 """
 
@@ -126,7 +126,7 @@ def _encode_all(config: RunConfig, fs: Any, batches: list[list[Item]]) -> Iterat
     args = (config.data, config.features, config.latents, config.text, fs)
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or len(batches) < 2:  # one batch: actors would only add startup time
         worker = EncodeWorker(*args)
         yield from (worker.process(b) for b in batches)
         return
