@@ -7,6 +7,7 @@ automatic: longest expected job first, each onto the island where it would finis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.config import IslandConfig, ModelConfig, RunConfig
@@ -93,5 +94,6 @@ def local_node_resources(config: RunConfig, num_cpus: int) -> dict[str, float]:
     resources: dict[str, float] = {}
     for island in config.islands.pool:
         for key, value in island.resources.items():
-            resources[key] = resources.get(key, 0.0) + value * island.num_workers * island.concurrency + 0.01
+            # Ray wants whole numbers here; one spare unit covers multi-worker jobs' driver actors.
+            resources[key] = resources.get(key, 0.0) + math.ceil(value * island.num_workers * island.concurrency) + 1
     return resources

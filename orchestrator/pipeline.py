@@ -7,12 +7,11 @@ custom resources, so the same scheduling path runs as on a cluster.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import ray
 
 from common.config import RunConfig
@@ -101,24 +100,22 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
 
 def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) -> StageResult:
     """Gather the ensemble, then write one top-1 sample grid so every run ends with a picture."""
-    from worker.gather import gather
     from worker.ensemble import Ensemble
-    from worker.sampler import save_grid
+    from worker.gather import gather
+    from worker.grid import make_grid
 
     train = runner.committed("train")
     missing = list(train.details.get("missing", [])) if train else []
     result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing)
     ensemble = Ensemble.load(store)
     n = min(config.sampling.num_samples, 64)
-    classes = None
-    if ensemble.num_classes:
-        classes = [i % ensemble.num_classes for i in range(n)]
-    images = ensemble.sample(n, strategy=config.sampling.strategy, steps=config.sampling.steps,
-                             solver=config.sampling.solver, cfg_scale=config.sampling.cfg_scale,
-                             classes=classes, seed=config.seed)
-    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddm-preview-{os.getpid()}.png"
-    save_grid(ensemble, images, local, labels=classes)
-    ref = store.put_payload(f"samples/ensemble_top1-{runner.fingerprints['gather'][:8]}.png", local.read_bytes())
-    store.write_bytes("samples/ensemble_top1.png", local.read_bytes())
-    local.unlink(missing_ok=True)
-    return StageResult(counts=result.counts, outputs=[*result.outputs, ref], details=result.details)
+    classes = [i % ensemble.num_classes for i in range(n)] if ensemble.num_classes else None
+    latents = ensemble.sample(n, strategy=config.sampling.strategy, steps=config.sampling.steps,
+                              solver=config.sampling.solver, cfg_scale=config.sampling.cfg_scale,
+                              classes=classes, seed=config.seed)
+    grid = make_grid(ensemble.decode(latents), labels=[str(c) for c in classes] if classes else None,
+                     title=f"{config.name}: {config.sampling.strategy}, cfg {config.sampling.cfg_scale}")
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    store.write_bytes("samples/ensemble_top1.png", buffer.getvalue())
+    return StageResult(counts=result.counts, outputs=result.outputs, details=result.details)
