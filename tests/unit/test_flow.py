@@ -39,8 +39,8 @@ def test_heun_beats_euler_on_a_gaussian():
     vel = lambda x, t: x * (t - (1 - t) * s**2).view(-1, 1, 1, 1) / ((1 - t) ** 2 * s**2 + t**2).view(-1, 1, 1, 1)  # noqa: E731
     noise = torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     # The exact flow maps noise x1 to x0 = s x1 (x_t scales with the marginal std).
-    err = {k: (sample(vel, noise, 8, k) - s * noise).abs().max().item() for k in ("euler", "heun")}
-    assert err["heun"] < err["euler"] / 2, err
+    err = {k: (sample(vel, noise, 32, k) - s * noise).abs().max().item() for k in ("euler", "heun")}
+    assert err["heun"] < err["euler"] / 4, err  # 2nd order: 5e-3 vs 4e-2 at 32 steps
 
 
 def test_cfg_and_label_dropout():
