@@ -49,10 +49,10 @@ def test_node_loss_resumes_expert_on_matching_node(tmp_path: Path) -> None:
     survivor = [n for n in result["worker_nodes"] if n != result["killed"]["node"]][0]
     assert hit.node == survivor  # retried on the remaining island-a node
     assert store.exists("experts/00/export.json") and store.exists("experts/01/export.json")
-    # The killed expert restarted from a checkpoint (its log goes back, but never to zero) ...
+    # The killed expert resumed from a checkpoint: its log may step back to that checkpoint, never to zero.
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/00")]
     drops = [i for i in range(1, len(seen)) if seen[i] <= seen[i - 1]]
-    assert len(drops) == 1 and seen[drops[0]] > 3200 - 1
+    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in drops) and seen[-1] == 24000
     # ... while the other expert never restarted.
     assert other.state == "succeeded" and other.attempts == 1 and other.retries == 0
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/01")]
@@ -94,6 +94,5 @@ def test_driver_killed_mid_run_is_resumed_without_redoing_committed_work(tmp_pat
         assert store.read_bytes(f"{prefix}/export.json") == raw
     # The interrupted expert resumed from its checkpoint rather than from zero.
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/00")]
-    assert seen[0] <= seen[-1] and min(seen) > 0
     restarts = [i for i in range(1, len(seen)) if seen[i] <= seen[i - 1]]
-    assert all(seen[i] > 0 for i in restarts)
+    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in restarts) and seen[-1] == 24000
