@@ -170,12 +170,11 @@ class Ensemble:
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images in [0, 1] [n, C, H, W]: the VAE when the run used latents, else pixels in [-1, 1]."""
-        return decode_to_images(latents, self.manifest.latents)
+        settings = self.manifest.latents
+        if settings.get("encoder", "identity") == "vae":
+            from worker.encoders import decode_latents, load_vae
 
-
-def decode_to_images(latents: Tensor, settings: dict) -> Tensor:
-    if settings.get("encoder", "identity") == "vae":
-        from worker.encoders import decode_latents
-
-        return decode_latents(latents, settings).clamp(0, 1)
-    return ((latents.float().clamp(-1, 1) + 1) / 2).cpu()
+            if getattr(self, "_vae", None) is None:  # loaded once, from the local path / id in the config
+                self._vae = load_vae(settings["model"], settings.get("subfolder"), self.device)
+            return ((decode_latents(self._vae, latents) + 1) / 2).cpu()
+        return ((latents.float().clamp(-1, 1) + 1) / 2).cpu()

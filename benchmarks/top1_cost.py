@@ -1,0 +1,97 @@
+"""Per-step cost of top-1 ensemble sampling vs one expert of the same size (router included).
+
+Top-1 re-routes every step: one router forward on the batch, then each expert runs only on the rows
+routed to it, so a step should cost about one expert forward plus the router. Measured side by
+side in one process for several shapes; reports wall time and counted FLOPs. Target: <= 1.15x.
+
+    python benchmarks/top1_cost.py [--json out.json] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from worker.models.dit import DiT
+from worker.models.router import Router
+from worker.sampler import EnsembleVelocity, guided
+
+# name: (latent C, H, patch, expert dims, router dims, K, batch, cfg, classes)
+CASES = {
+    "digits preset (router = expert size)": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=64, depth=4, heads=4), 4, 256, 2.0, 10),
+    "digits, router 1/4 width": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=32, depth=2, heads=2), 4, 256, 2.0, 10),
+    "S/2 expert, 16x16x4 latents, router width 128 x 4": (4, 16, 2, dict(width=384, depth=12, heads=6), dict(width=128, depth=4, heads=4), 8, 32, 1.5, 1000),
+}
+
+
+def _time(fn, x, t, repeats: int) -> float:
+    fn(x, t)  # warm up (allocations, kernels)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(x, t)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def _flops(fn, x, t) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn(x, t)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def run_case(name: str, case: tuple, device: str, repeats: int) -> dict:
+    C, H, patch, ed, rd, K, batch, cfg, classes = case
+    torch.manual_seed(0)
+    common = dict(in_channels=C, input_size=(H, H), patch_size=patch, conditioning="class", num_classes=classes)
+    experts = [DiT(**common, **ed).to(device).eval() for _ in range(K)]
+    for e in experts:  # non-zero outputs (a fresh DiT outputs zeros)
+        torch.nn.init.normal_(e.final.linear.weight, std=0.02)
+    router = Router(in_channels=C, input_size=(H, H), patch_size=patch, num_experts=K, **rd).to(device).eval()
+    torch.nn.init.normal_(router.head.weight, std=1.0)  # spreads rows over all experts
+    cond = torch.arange(batch, device=device) % classes
+    x = torch.randn(batch, C, H, H, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    fns = [guided(e, cfg, e.null_class) for e in experts]
+    top1 = EnsembleVelocity(fns, lambda x, t: router(x, t), "top1", cond=cond)
+    single = lambda x, t: fns[0](x, t, cond)  # noqa: E731
+    routed = torch.bincount(router(x, t).argmax(1), minlength=K).tolist()
+    t_single, t_top1 = _time(single, x, t, repeats), _time(top1, x, t, repeats)
+    f_single, f_top1 = _flops(single, x, t), _flops(top1, x, t)
+    return {"case": name, "device": device, "batch": batch, "K": K, "cfg": cfg, "rows_per_expert": routed,
+            "ms_per_step_single": round(t_single * 1e3, 3), "ms_per_step_top1": round(t_top1 * 1e3, 3),
+            "time_ratio": round(t_top1 / t_single, 3), "gflops_single": round(f_single / 1e9, 4),
+            "gflops_top1": round(f_top1 / 1e9, 4), "flop_ratio": round(f_top1 / f_single, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [run_case(name, case, args.device, args.repeats) for name, case in CASES.items()]
+    print(f"| case | device | batch | K | ms/step single | ms/step top-1 | time ratio | GFLOPs single | GFLOPs top-1 | FLOP ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['device']} | {r['batch']} | {r['K']} | {r['ms_per_step_single']} | {r['ms_per_step_top1']} "
+              f"| {r['time_ratio']}x | {r['gflops_single']} | {r['gflops_top1']} | {r['flop_ratio']}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
