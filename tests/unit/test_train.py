@@ -105,3 +105,16 @@ def test_job_validation_and_builders():
     assert job.seed != expert_job(config, 2, island).seed
     router = router_job(config, island)
     assert (router.kind, router.prefix, router.batch, router.num_experts) == ("router", "router", 64, 4)
+
+
+def test_train_on_every_store_backend(store_url):
+    """file://, memory:// and s3:// (moto over HTTP): the same loop, commit protocol and export."""
+    store = RunStore(store_url)
+    x, y = digits_like(40)
+    write_expert_partition(store, 0, x, y, num_experts=1, num_classes=10, shard_rows=16)
+    job = _job(duration_nimg=48, checkpoint_every_nimg=16, log_every_nimg=16, sample_every_nimg=None)
+    record = train(job, job_store(store, job))
+    assert record.nimg == 48 and len(checkpoint_records(store, "experts/00")) == 2
+    assert [k.rsplit("/", 1)[1] for k in store.list("experts/00/checkpoints")].count("model.safetensors") == 2
+    model, _ = load_export(store, "experts/00")
+    assert model.config.num_classes == 10
