@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -49,7 +48,9 @@ def stream_peak(rows: int, dim: int, fine: int, chunk: int) -> None:
         x = torch.randn(min(chunk, rows - a), dim)
         counts += torch.bincount(assign(x), minlength=fine)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the parent's peak
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 2**20
     print(f"{peak:.3f} {dt:.2f} {int(counts.sum())}")
 
 

@@ -45,8 +45,13 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, metric: Metric,
     """(index [n] int64, score [n]) of the nearest centroid; `x` already `prepare`d."""
     idx = torch.empty(len(x), dtype=torch.long, device=x.device)
     best = torch.empty(len(x), dtype=torch.float32, device=x.device)
+    c_t = centroids.T.contiguous()                                          # [D, k]
+    bias = (0.0 if metric == "cosine" else -0.5 * (centroids * centroids).sum(1)) * torch.ones_like(c_t[0])
+    buf = torch.empty(min(chunk_rows, len(x)), len(centroids), device=x.device)  # reused: no per-chunk alloc
     for a in range(0, len(x), chunk_rows):
-        best[a:a + chunk_rows], idx[a:a + chunk_rows] = _scores(x[a:a + chunk_rows], centroids, metric).max(1)
+        xc = x[a:a + chunk_rows]
+        scores = torch.addmm(bias.unsqueeze(0), xc, c_t, out=buf[:len(xc)])  # [n, k]
+        torch.max(scores, 1, out=(best[a:a + len(xc)], idx[a:a + len(xc)]))
     return idx, best
 
 
