@@ -110,6 +110,23 @@ class Ensemble:
         counts[counts.sum(1) == 0] = torch.tensor([float(e is not None) for e in self.experts])
         return torch.multinomial(counts, 1, generator=generator).squeeze(1).to(self.device)
 
+    def class_log_prior(self, cond: Tensor) -> Tensor | None:
+        """log p(c | k) [B, K] from the clusters' class counts, for an unconditional router.
+
+        Bayes: p(k | x_t, c) = p(k | x_t) p(c | x_t, k) / p(c | x_t). Approximating p(c | x_t, k) by
+        p(c | k) is exact at t = 1 (x_1 is independent of (k, c)), where the unconditional router is
+        blind, and keeps a class-c sample away from experts that never saw class c (add-one smoothed).
+        """
+        if cond.is_floating_point() or not any(m.class_counts for m in self.manifest.experts):
+            return None
+        C, K = self.num_classes, self.manifest.num_experts
+        counts = torch.ones(K, C)
+        for m in self.manifest.experts:
+            for c, v in m.class_counts.items():
+                counts[m.expert, int(c)] += v
+        log_p = (counts / counts.sum(1, keepdim=True)).log()                 # [K, C]
+        return log_p.T[cond.cpu()].to(self.device)                           # [B, K]
+
     # ---- inference --------------------------------------------------------------------------------
     def velocity_field(self, strategy: str = "top1", *, cond: Tensor | None = None, cfg_scale: float = 1.0,
                        top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9, fixed: Tensor | None = None,
@@ -118,7 +135,8 @@ class Ensemble:
         router = None
         if self.router is not None:  # a class-conditional router sees the same labels (all rows)
             routed_cond = cond if self.router.config.conditioning != "none" else None
-            router = lambda x, t: self.router(x, t, routed_cond)  # noqa: E731
+            prior = self.class_log_prior(cond) if routed_cond is None and cond is not None else None
+            router = lambda x, t: self.router(x, t, routed_cond) + (0 if prior is None else prior)  # noqa: E731
         return EnsembleVelocity(experts, router, strategy, cond=cond, top_k=top_k, threshold=threshold,
                                 nucleus_p=nucleus_p, fixed=fixed, generator=generator)
 

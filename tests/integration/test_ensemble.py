@@ -115,3 +115,17 @@ def test_bad_arguments_are_one_line_errors(digits_store):
         ensemble.sample(2, strategy="best", steps=1)
     with pytest.raises(SamplerError, match="give the expert"):
         ensemble.sample(2, strategy="single", steps=1)
+
+
+def test_class_prior_keeps_a_class_away_from_experts_that_never_saw_it(digits_store):
+    """Clusters are digit parity: with the p(c | k) prior, top-1 never sends an even digit to the odd expert."""
+    config, store = digits_store
+    gather(config, store)
+    ensemble = Ensemble.load(store.url)
+    cond = torch.arange(20) % 10
+    log_prior = ensemble.class_log_prior(cond)
+    assert (log_prior.argmax(1) == cond % 2).all()
+    x = torch.randn(20, 1, 8, 8)
+    field = ensemble.velocity_field("top1", cond=cond)
+    weights = field.weights(x, torch.full((20,), 1.0))
+    assert (weights.argmax(1) == cond % 2).all()
