@@ -60,8 +60,11 @@ def chain(*parts: str) -> str:
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    """Each stage's input fingerprint: its config sections plus its upstream stage's fingerprint."""
-    prepare = config.fingerprint("data", "features", "latents", "text", "seed")
+    """Each stage's input fingerprint: its config sections plus its upstream stage's fingerprint.
+    Prepare's also covers the source's file listing, so replaced or added files redo it."""
+    from worker.prepare import prepare_fingerprint
+
+    prepare = prepare_fingerprint(config)
     cluster = chain(prepare, config.fingerprint("clustering"))
     train = chain(cluster, config.fingerprint("model", "training", "router"))
     gather = chain(train)
