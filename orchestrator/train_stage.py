@@ -107,6 +107,7 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
     controller = TrainController(placements, capacity, group, config.islands.max_retries,
                                  done=done, on_change=status)
     result: ControllerResult = controller.run(poll_s=1.0, on_tick=on_tick)
+    status.listener = None  # the view has seen every transition; only the records are refreshed
     for state in result.states.values():
         status.last.pop(state.name, None)
         status(state)  # final state of every job, unthrottled
