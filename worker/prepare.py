@@ -114,10 +114,10 @@ class EncodeWorker:
 
     def __init__(self, data: DataConfig, features: FeaturesConfig, latents: LatentsConfig, text: TextConfig,
                  fs: Any) -> None:
-        torch.set_grad_enabled(False)
         self.data, self.fs = data, fs
         self.encoders = Encoders(features, latents, text)
 
+    @torch.no_grad()  # scoped, not global: this also runs inside the driver's process
     def process(self, items: list[Item]) -> BatchOut:
         return process_batch(items, self.fs, self.data, self.encoders)
 
