@@ -285,15 +285,7 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
     if preset is not None and config_file is not None:
         raise ConfigError("give either --preset or --config, not both")
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config {config_file}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {config_file}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {config_file}: top level must be a mapping")
+        tree = load_yaml_mapping(config_file, "--config")
         base = tree.pop("preset", None)
         if base is not None:
             tree = _deep_merge(_preset_tree(base, PRESETS), tree)
@@ -308,6 +300,20 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def load_yaml_mapping(path: str, flag: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or a one-line ConfigError naming `flag` and the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{flag} {path}: top level must be a mapping")
+    return tree
 
 
 def _preset_tree(name: str, presets: dict[str, Any]) -> dict[str, Any]:

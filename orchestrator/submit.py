@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-import yaml
+from common.config import load_yaml_mapping, resolve_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: run stores, VCS data, caches and build outputs (the upload limit is ~500 MiB).
@@ -172,7 +172,6 @@ def submit(address: str | None, run_args: list[str], working_dir: str = ".",
 
 def _check_locally(run_args: list[str], working_dir: str) -> None:
     """Parse the args with this `ddm`, and resolve the config, before spending cluster time on them."""
-    from common.config import resolve_config
     from orchestrator.cli import _load_commands, build_parser
 
     _load_commands()
@@ -185,20 +184,7 @@ def _check_locally(run_args: list[str], working_dir: str) -> None:
 
 
 def _load_runtime_env(path: str | None) -> dict[str, Any] | None:
-    from orchestrator.cli import UsageError
-
-    if path is None:
-        return None
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--runtime-env {path}: no such file")
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--runtime-env {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise UsageError(f"--runtime-env {path}: top level must be a mapping")
-    return tree
+    return None if path is None else load_yaml_mapping(path, "--runtime-env")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
