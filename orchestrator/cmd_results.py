@@ -63,17 +63,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.run}: no student/export.json (run `ddm distill {args.run}` first)")
     else:
         ensemble = Ensemble.load(store)
+    text = None
     if args.prompt is not None:
-        raise UsageError(f"--prompt: {args.run} is not text-conditional (model.conditioning = "
-                         f"{config.model.conditioning}); use --class for class-conditional runs")
+        if config.model.conditioning != "text" or config.text.encoder == "none":
+            raise UsageError(f"--prompt: {args.run} is not text-conditional (model.conditioning = "
+                             f"{config.model.conditioning}); use --class for class-conditional runs")
+        import torch
+
+        from worker.encoders import ClipText
+
+        text = ClipText(config.text.model, config.text.max_length, torch.device("cpu"))([args.prompt])[1]  # [1, L, D]
     strategy = "top1" if args.student else (args.strategy or s.strategy)
     n = args.n or min(s.num_samples, 64)
     latents = ensemble.sample(n, strategy=strategy, steps=args.steps or s.steps, solver=args.solver or s.solver,
                               cfg_scale=s.cfg_scale if args.cfg is None else args.cfg, classes=args.klass, seed=args.seed,
                               top_k=args.k or s.top_k, threshold=s.threshold if args.threshold is None else args.threshold,
-                              nucleus_p=args.nucleus_p or s.nucleus_p, oracle_cluster=args.cluster, expert=args.expert)
-    classes = ensemble.classes_for(n, args.klass)
-    if classes is not None:
+                              nucleus_p=args.nucleus_p or s.nucleus_p, oracle_cluster=args.cluster, expert=args.expert,
+                              text=text)
+    classes = None if text is not None else ensemble.classes_for(n, args.klass)
+    if text is not None:
+        labels = [args.prompt[:12]] * n
+    elif classes is not None:
         labels = [str(int(c)) for c in classes]
     else:  # unconditional: label each sample with the expert the router picks for the clean image
         labels = [f"k{int(k)}" for k in ensemble.router_posterior(latents, 0.0).argmax(1)]

@@ -97,12 +97,20 @@ class Ensemble:
             raise SamplerError(f"--class {int(labels[(labels < 0) | (labels >= C)][0])}: out of range [0, {C - 1}]")
         return labels.to(self.device)
 
+    def text_for(self, n: int, text: Tensor) -> Tensor:
+        """A prompt's token embeddings repeated for n samples; refused when the experts are not text models."""
+        model = next(e for e in self.experts if e is not None)
+        if model.config.conditioning != "text":
+            raise SamplerError(f"--prompt: this run is not text-conditional (conditioning = {model.config.conditioning})")
+        text = text.float().to(self.device)
+        return text.expand(n, *text.shape[-2:]).contiguous() if text.dim() == 2 or len(text) == 1 else text
+
     def oracle_prior(self, cond: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
         """Draw each sample's cluster from p(k) (cluster sizes) or p(k | class) (class counts)."""
         K = self.manifest.num_experts
         counts = torch.zeros(n, K)
         for m in self.manifest.experts:
-            if cond is None or not m.class_counts:
+            if cond is None or cond.is_floating_point() or not m.class_counts:
                 counts[:, m.expert] = float(m.rows or 1)
             else:
                 per_class = torch.tensor([float(m.class_counts.get(c, 0)) for c in range(self.num_classes)])
@@ -170,8 +178,10 @@ class Ensemble:
     def sample(self, n: int, strategy: str = "top1", steps: int = 32, solver: str = "euler", cfg_scale: float = 1.0,
                classes: int | Sequence[int] | Tensor | None = None, seed: int = 0, top_k: int = 2,
                threshold: float = 0.1, nucleus_p: float = 0.9, oracle_cluster: Tensor | int | None = None,
-               expert: int | None = None) -> Tensor:
-        """n latents [n, C, H, W] integrated from t = 1 (noise) to t = 0 with the chosen strategy."""
+               expert: int | None = None, text: Tensor | None = None) -> Tensor:
+        """n latents [n, C, H, W] integrated from t = 1 (noise) to t = 0 with the chosen strategy.
+
+        `text`: token embeddings [L, D] or [n, L, D] of a prompt, for text-conditional runs."""
         from worker.flow import sample as integrate
 
         if strategy not in STRATEGIES:
@@ -180,7 +190,7 @@ class Ensemble:
             raise SamplerError(f"--n {n} / --steps {steps}: must be >= 1")
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn([n, *self.manifest.latent_shape], generator=generator).to(self.device)
-        cond = self.classes_for(n, classes)
+        cond = self.text_for(n, text) if text is not None else self.classes_for(n, classes)
         fixed = self._fixed(strategy, n, cond, oracle_cluster, expert, generator)
         field = self.velocity_field(strategy, cond=cond, cfg_scale=cfg_scale, top_k=top_k, threshold=threshold,
                                     nucleus_p=nucleus_p, fixed=fixed, generator=generator)

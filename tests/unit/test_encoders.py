@@ -18,34 +18,6 @@ from worker.prepare import prepare_data
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """DINOv2, AutoencoderKL (scale 0.5, shift 0.1) and CLIP text + tokenizer, built from configs."""
-    from diffusers import AutoencoderKL
-    from transformers import (BitImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config,
-                              Dinov2Model)
-
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8)).save_pretrained(root / "dino")
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
-                  shift_factor=0.1).save_pretrained(root / "sd" / "vae")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({c: i + 2 for i, c in enumerate(letters)})
-    vocab.update({c + "</w>": i + 2 + len(letters) for i, c in enumerate(letters)})
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(root / "clip")
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(root / "clip")
-    return root
-
-
 def test_each_encoder_loads_from_a_saved_directory(tiny_models):
     encoders = enc.Encoders(FeaturesConfig(extractor="dinov2", model=str(tiny_models / "dino"), batch_size=3),
                             LatentsConfig(encoder="vae", model=str(tiny_models / "sd"), subfolder="vae", batch_size=2),
