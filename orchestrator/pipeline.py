@@ -61,13 +61,15 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
     store = RunStore(config.run_uri, config.storage)
     runner = StageRunner(store, config)
     runner.write_run_record()
-    local, dashboard = connect_ray(config, address)
-    summary = RunSummary(run_uri=store.url, dashboard_url=dashboard)
+    summary = RunSummary(run_uri=store.url)
     view = ProgressView(enabled=show_progress)
-    if dashboard:
-        view.note(f"Ray dashboard: http://{dashboard}")
+    ray_mode: dict[str, bool] = {}  # Ray starts only when a stage that uses it has work to do
 
-    def stage(name: str, fn) -> None:
+    def stage(name: str, fn, uses_ray: bool) -> None:
+        if uses_ray and not ray_mode and runner.committed(name) is None:
+            ray_mode["local"], summary.dashboard_url = connect_ray(config, address)
+            if summary.dashboard_url:
+                view.note(f"Ray dashboard: http://{summary.dashboard_url}")
         view.stage_started(name)
         outcome = runner.run(name, fn)
         summary.stages[name] = {"skipped": outcome.skipped, "duration_s": outcome.record.duration_s,
@@ -77,20 +79,20 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
     from worker.partition import cluster_data
     from worker.prepare import prepare_data
 
-    stage("prepare", lambda: prepare_data(config, store))
+    stage("prepare", lambda: prepare_data(config, store), uses_ray=True)  # parallel encoding
     if until != "prepare":
-        stage("cluster", lambda: cluster_data(config, store))
+        stage("cluster", lambda: cluster_data(config, store), uses_ray=False)
     if until in ("train", "gather"):
         islands = {i.name: i for i in config.islands.pool}
 
         def make_group(jobs: dict) -> RayWorkerGroup:
             return RayWorkerGroup(store, jobs, {name: job_scope(name) for name in jobs}, islands,
-                                  use_labels=not local)
+                                  use_labels=not ray_mode["local"])
 
         stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
-                                               listener=view.job_changed, on_tick=view.refresh))
+                                               listener=view.job_changed, on_tick=view.refresh), uses_ray=True)
     if until == "gather":
-        stage("gather", lambda: gather_and_preview(config, store, runner))
+        stage("gather", lambda: gather_and_preview(config, store, runner), uses_ray=False)
         summary.outputs = {"ensemble": f"{store.url}/ensemble.json",
                            "samples": f"{store.url}/samples/ensemble_top1.png"}
     summary.wall_s = time.perf_counter() - t0
