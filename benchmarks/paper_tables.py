@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--total-nimg", type=int, default=192_000, help="images over all experts together")
     parser.add_argument("--batch", type=int, default=256, help="global batch (split over K)")
     parser.add_argument("--n", type=int, default=512, help="samples per evaluated row")
-    parser.add_argument("--distill-nimg", type=int, default=48_000)
+    parser.add_argument("--distill-nimg", type=int, default=None,
+                        help="images the student sees (default: --total-nimg, the ensemble's own budget)")
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def main() -> None:
              f"Total training images per run {args.total_nimg:,} (split over K experts), global batch {args.batch}.", ""]
     for dataset in args.datasets.split(","):
         runs = {K: train_run(out_dir, dataset, K, args.total_nimg, args.batch) for K in KS}
-        ddm("distill", runs[4], "--nimg", str(args.distill_nimg))
+        ddm("distill", runs[4], "--nimg", str(args.distill_nimg or args.total_nimg))
         t1 = evaluate(runs[4], args.n, "top1,topk,full,sample,oracle")
         tables["table1"][dataset] = t1
         lines += [f"## Table 1 ({dataset}, K = 4): inference strategies", "", _md(t1["rows"]), ""]

@@ -22,8 +22,8 @@ from worker.sampler import EnsembleVelocity, guided
 
 # name: (latent C, H, patch, expert dims, router dims, K, batch, cfg, classes)
 CASES = {
-    "digits preset (router = expert size)": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=64, depth=4, heads=4), 4, 256, 2.0, 10),
-    "digits, router 1/4 width": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=32, depth=2, heads=2), 4, 256, 2.0, 10),
+    "digits preset (router width 32, depth 2)": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=32, depth=2, heads=2), 4, 256, 2.0, 10),
+    "digits, router = expert size (earlier preset)": (1, 8, 2, dict(width=64, depth=4, heads=4), dict(width=64, depth=4, heads=4), 4, 256, 2.0, 10),
     "S/2 expert, 16x16x4 latents, router width 128 x 4": (4, 16, 2, dict(width=384, depth=12, heads=6), dict(width=128, depth=4, heads=4), 8, 32, 1.5, 1000),
 }
 

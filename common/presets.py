@@ -29,7 +29,10 @@ def digits() -> RunConfig:
         model=ModelConfig(size="tiny", patch_size=2, conditioning="class", label_dropout=0.1),
         training=TrainingConfig(global_batch=256, duration_nimg=96_000, lr=1e-3, ema_decay=0.999,
                                 checkpoint_every_nimg=16_000, log_every_nimg=3_200),
-        router=RouterConfig(model=ModelConfig(size="tiny", patch_size=2, conditioning="none", label_dropout=0.0),
+        # A router well below expert size, as in the paper (DiT-B/2 router for DiT-XL/2 experts): with CFG an
+        # expert step is two forwards, so top-1 costs ~1.06x one expert (BENCHMARKS.md, top-1 cost).
+        router=RouterConfig(model=ModelConfig(size="tiny", width=32, depth=2, heads=2, patch_size=2,
+                                              conditioning="none", label_dropout=0.0),
                             training=TrainingConfig(global_batch=64, duration_nimg=64_000, lr=1e-3, ema_decay=0.999,
                                                     checkpoint_every_nimg=16_000, log_every_nimg=3_200)),
         islands=_two_local_islands(),
