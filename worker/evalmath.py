@@ -151,12 +151,13 @@ def train_digit_classifier(seed: int = 0, epochs: int = 300) -> tuple[DigitClass
     torch.manual_seed(seed)
     model = DigitClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        noisy = x[tr] + 0.05 * torch.randn(x[tr].shape, generator=g)  # mild noise: samples are never exact
-        loss = torch.nn.functional.cross_entropy(model(noisy), y[tr])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # callers (report, eval) may sample under no_grad around this
+        for _ in range(epochs):
+            noisy = x[tr] + 0.05 * torch.randn(x[tr].shape, generator=g)  # mild noise: samples are never exact
+            loss = torch.nn.functional.cross_entropy(model(noisy), y[tr])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.eval().requires_grad_(False)
     accuracy = float((model(x[te]).argmax(-1) == y[te]).float().mean())
     return model, accuracy

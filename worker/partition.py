@@ -77,10 +77,12 @@ def _grid(thumbs: list[np.ndarray], cols: int = 8) -> bytes:
     h, w, c = thumbs[0].shape
     zoom = max(1, 32 // max(h, w))
     rows = (len(thumbs) + cols - 1) // cols
-    canvas = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    pad = 1  # a grey gutter, so tiny tiles do not run into each other
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, dtype=np.uint8)
     for j, t in enumerate(thumbs):
         r, q = divmod(j, cols)
-        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = t
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        canvas[y:y + h, x:x + w] = t
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
     buf = io.BytesIO()

@@ -12,8 +12,11 @@ import torch
 
 from common.storage import RunStore
 from orchestrator.cli import main
-from tests.integration.ensemble_runs import digits_config, digits_run, train_all
+from orchestrator.stages import StageRunner
+from tests.integration.ensemble_runs import digits_config, train_all
 from worker.gather import gather
+from worker.partition import cluster_data
+from worker.prepare import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,9 @@ def trained_digits(tmp_path_factory):
 
     config = RunConfig.model_validate(c)
     store = RunStore(url)
-    digits_run(store, config)
+    StageRunner(store, config).write_run_record()
+    prepare_data(config, store)  # the real stages, so the report shows the cluster stage's own pictures
+    cluster_data(config, store)
     train_all(store, config)
     gather(config, store)
     return url
