@@ -37,7 +37,9 @@ def collect_status(store: RunStore) -> dict:
                  "retries": status.retries if status else 0,
                  "nimg": export.nimg if export else (status.nimg if status else (ckpt.nimg if ckpt else 0)),
                  "duration_nimg": status.duration_nimg if status else None,
-                 "loss": status.loss if status else None, "eta_s": status.eta_s if status else None,
+                 # A committed export carries the final loss; the live status only the last one polled.
+                 "loss": export.final_metrics.get("loss") if export else (status.loss if status else None),
+                 "eta_s": status.eta_s if status else None,
                  "last_checkpoint_nimg": ckpt.nimg if ckpt else None, "exported": export is not None,
                  "last_error": status.last_error if status else None,
                  "updated_at": status.updated_at if status else None}
