@@ -180,7 +180,7 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     name: str = "digits"
     run_uri: str = Field("runs/digits", description="Run store root: local path, file://, memory:// or s3:// URL.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="Root of every random draw (data order, noise, init).")
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
@@ -221,11 +221,17 @@ class RunConfig(Strict):
                 raise ValueError(f"islands.assignment names unknown islands {unknown}; known: {sorted(names)}")
         if self.router.island is not None and self.router.island not in names:
             raise ValueError(f"router.island = {self.router.island!r} is not an island; known: {sorted(names)}")
+        router_islands = {self.router.island} if self.router.island else names
         for island in self.islands.pool:
-            if island.per_worker_batch is not None and self.expert_batch % (island.per_worker_batch * island.num_workers):
-                raise ValueError(
-                    f"island {island.name}: per_worker_batch {island.per_worker_batch} x {island.num_workers} workers "
-                    f"does not divide the expert batch {self.expert_batch}")
+            batches = [("expert batch", self.expert_batch)]
+            if island.name in router_islands:
+                batches.append(("router.training.global_batch", self.router.training.global_batch))
+            for what, batch in batches:
+                per_step = (island.per_worker_batch or batch // island.num_workers) * island.num_workers
+                if per_step == 0 or batch % per_step:
+                    raise ValueError(
+                        f"island {island.name}: {island.num_workers} workers x micro-batch "
+                        f"{island.per_worker_batch or batch // island.num_workers} does not divide the {what} {batch}")
         return self
 
     @property

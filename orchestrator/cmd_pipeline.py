@@ -19,12 +19,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"run_uri={args.run}")
     config = resolve_config(args.preset, args.config, overrides)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from common.manifests import ManifestError
+    from common.storage import ScopeError, StoreError
     from orchestrator.pipeline import run_pipeline
     from orchestrator.train_stage import TrainFailed
+    from worker.ensemble import EnsembleError
+    from worker.gather import GatherError
+    from worker.sampler import SamplerError
 
     try:
         summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet)
-    except TrainFailed as exc:
+    except (TrainFailed, StoreError, ManifestError, ScopeError, GatherError, EnsembleError, SamplerError,
+            FileNotFoundError, ConnectionError) as exc:
+        # Failures the run itself explains (a file, a key, an expert) are one line; a bug keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"\nrun {config.name} finished in {summary.wall_s:.1f}s; run store: {summary.run_uri}")

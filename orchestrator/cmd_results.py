@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from common.config import RunConfig
+from pydantic import ValidationError
+
+from common.config import RunConfig, format_validation_error
 from common.manifests import RunRecord
 from common.storage import RunStore
 from orchestrator.cli import COMMANDS, UsageError
@@ -27,7 +29,10 @@ def open_run(uri: str) -> tuple[RunStore, RunConfig]:
         raise UsageError(f"{uri}: cannot read run.json ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if record is None:
         raise UsageError(f"{uri}: no run.json (not a DDM run store)")
-    config = RunConfig.model_validate(record.config)
+    try:
+        config = RunConfig.model_validate(record.config)
+    except ValidationError as err:
+        raise UsageError(f"{uri}: run.json does not fit this code version: {format_validation_error(err)}") from None
     return RunStore(uri, config.storage), config
 
 
@@ -77,8 +82,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.n or min(s.num_samples, 64)
     latents = ensemble.sample(n, strategy=strategy, steps=args.steps or s.steps, solver=args.solver or s.solver,
                               cfg_scale=s.cfg_scale if args.cfg is None else args.cfg, classes=args.klass, seed=args.seed,
-                              top_k=args.k or s.top_k, threshold=s.threshold if args.threshold is None else args.threshold,
-                              nucleus_p=args.nucleus_p or s.nucleus_p, oracle_cluster=args.cluster, expert=args.expert,
+                              top_k=s.top_k if args.k is None else args.k, threshold=s.threshold if args.threshold is None else args.threshold,
+                              nucleus_p=s.nucleus_p if args.nucleus_p is None else args.nucleus_p, oracle_cluster=args.cluster, expert=args.expert,
                               text=text)
     classes = None if text is not None else ensemble.classes_for(n, args.klass)
     if text is not None:

@@ -89,6 +89,11 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
             return RayWorkerGroup(store, jobs, {name: job_scope(name) for name in jobs}, islands,
                                   use_labels=not ray_mode["local"])
 
+        partial = runner.committed("train")
+        if partial is not None and partial.details.get("missing"):
+            runner.invalidate_from("train")  # retry the experts that failed; finished ones keep their exports
+        if ray.is_initialized():
+            warn_unplaceable_islands(config)
         stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
                                                listener=view.job_changed, on_tick=view.refresh), uses_ray=True)
     if until == "gather":
@@ -98,6 +103,15 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
     summary.wall_s = time.perf_counter() - t0
     view.close()
     return summary
+
+
+def warn_unplaceable_islands(config: RunConfig) -> None:
+    """Jobs of an island no node can host wait (an autoscaler may add one): say so instead of hanging quietly."""
+    available = ray.cluster_resources()
+    for island in config.islands.pool:
+        short = sorted(k for k, v in island.resources.items() if available.get(k, 0.0) < v * island.num_workers)
+        if short:
+            log.warning("island %s: no node offers %s yet; its jobs wait until one does", island.name, short)
 
 
 def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) -> StageResult:
@@ -112,9 +126,10 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
     ensemble = Ensemble.load(store)
     n = min(config.sampling.num_samples, 64)
     classes = [i % ensemble.num_classes for i in range(n)] if ensemble.num_classes else None
-    latents = ensemble.sample(n, strategy=config.sampling.strategy, steps=config.sampling.steps,
-                              solver=config.sampling.solver, cfg_scale=config.sampling.cfg_scale,
-                              classes=classes, seed=config.seed)
+    s = config.sampling
+    latents = ensemble.sample(n, strategy=s.strategy, steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale,
+                              classes=classes, seed=config.seed, top_k=s.top_k, threshold=s.threshold,
+                              nucleus_p=s.nucleus_p, expert=ensemble.present_ids[0] if s.strategy == "single" else None)
     grid = make_grid(ensemble.decode(latents), labels=[str(c) for c in classes] if classes else None,
                      title=f"{config.name}: {config.sampling.strategy}, cfg {config.sampling.cfg_scale}")
     buffer = io.BytesIO()

@@ -67,7 +67,7 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     prepare = prepare_fingerprint(config)
     cluster = chain(prepare, config.fingerprint("clustering"))
     train = chain(cluster, config.fingerprint("model", "training", "router"))
-    gather = chain(train)
+    gather = chain(train, config.fingerprint("sampling"))
     return {"prepare": prepare, "cluster": cluster, "train": train, "gather": gather}
 
 

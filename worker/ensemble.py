@@ -47,6 +47,8 @@ class Ensemble:
             raise EnsembleError(f"{store.url}/{key}: not committed (has the gather stage run?)")
         experts: list[torch.nn.Module | None] = [None] * manifest.num_experts
         for member in manifest.experts:
+            if not 0 <= member.expert < len(experts):
+                raise EnsembleError(f"ensemble.json: expert {member.expert} is outside 0..{len(experts) - 1}")
             experts[member.expert] = load_member(store, member, "expert").to(device)
         router = load_member(store, manifest.router, "router").to(device) if manifest.router else None
         if router is None and len(manifest.experts) > 1:

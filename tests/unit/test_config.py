@@ -41,12 +41,20 @@ def test_overrides_are_typed_including_lists_and_dicts() -> None:
     ("islands.assignment={0: nowhere}", "islands.assignment"),
     ("model.bogus=1", "model.bogus"),
     ("training.lr=fast", "training.lr"),
+    ("seed=-1", "seed"),
+    ("islands.pool=[{name: a, num_workers: 3}]", "island a"),
 ])
 def test_bad_values_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         resolve_config(overrides=[override])
     message = str(err.value)
     assert field in message and "\n" not in message
+
+
+def test_islands_must_split_the_router_batch_too() -> None:
+    with pytest.raises(ConfigError, match="island a: .*router.training.global_batch 40"):
+        resolve_config(overrides=["islands.pool=[{name: a, per_worker_batch: 16}]", "router.training.global_batch=40"])
+    resolve_config(overrides=["islands.pool=[{name: a, per_worker_batch: 16}]", "router.training.global_batch=48"])
 
 
 def test_yaml_file_with_base_preset(tmp_path: Path) -> None:
