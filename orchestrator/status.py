@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, RunRecord
 from common.storage import RunStore
 from orchestrator.stages import STAGES, stage_summary
+
+
+STALE_AFTER_S = 120.0  # the controller writes each running job's status at least every ~5 s
 
 
 def _jobs(store: RunStore) -> list[str]:
@@ -45,6 +50,13 @@ def collect_status(store: RunStore) -> dict:
                  "updated_at": status.updated_at if status else None}
         if entry["state"] == "succeeded":
             entry["eta_s"] = 0.0
+        elif status is not None and entry["state"] in ("running", "pending") and not export:
+            # A live controller rewrites status.json every few seconds; silence means it is gone.
+            quiet_s = (datetime.now(timezone.utc) - datetime.fromisoformat(status.updated_at)).total_seconds()
+            if quiet_s > STALE_AFTER_S:
+                entry["state"] = "stale"
+                entry["last_error"] = (f"no update for {quiet_s:.0f}s (driver gone?); rerun `ddm run` to resume "
+                                       f"from the last checkpoint")
         jobs.append(entry)
     return {"run": store.url, "name": run.name, "code_version": run.code_version, "created_at": run.created_at,
             "stages": {s: ({"done": True, **stages[s]} if s in stages else {"done": False}) for s in STAGES},
