@@ -19,6 +19,7 @@ from collections import defaultdict
 from common.config import resolve_config
 from common.manifests import StageRecord
 from common.storage import RunStore
+from orchestrator.train_stage import prefix_of
 
 
 def loop_seconds(store: RunStore, prefix: str) -> float:
@@ -48,7 +49,7 @@ def main() -> None:
     placement = stages["train"].details["placement"]
     per_island: dict[str, float] = defaultdict(float)
     for job, island in placement.items():
-        prefix = "router" if job == "router" else f"experts/{int(job.split('-')[1]):02d}"
+        prefix = prefix_of(job)
         seconds = loop_seconds(store, prefix)
         per_island[island] += seconds
         print(f"  {job:<10} on {island:<9} {seconds:7.1f} s in the training loop")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Protocol, Union
 
-from orchestrator.islands import ROUTER, Placement
+from orchestrator.islands import Placement
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,3 @@ class TrainController:
             succeeded=[n for n, s in self.states.items() if s.status == JobStatus.SUCCEEDED],
             failed={n: s.last_error or "failed" for n, s in self.states.items() if s.status == JobStatus.FAILED},
             states=self.states)
-
-
-def is_router(name: str) -> bool:
-    return name == ROUTER

@@ -26,6 +26,11 @@ def job_name(k: int) -> str:
     return f"expert-{k:02d}"
 
 
+def expert_index(name: str) -> int:
+    """The inverse of `job_name`: "expert-03" -> 3."""
+    return int(name.removeprefix("expert-"))
+
+
 def model_cost(model: ModelConfig) -> float:
     """Relative training cost per image: width^2 * depth, the dominant matmul term of a transformer."""
     from worker.models.dit import DIT_SIZES

@@ -111,8 +111,7 @@ class RayWorkerGroup:
         return events
 
     def _progress(self) -> list[Event]:
-        live = {job: actor for job, actor in self.actors.items()}
-        refs = {actor.progress.remote(): job for job, actor in live.items()}
+        refs = {actor.progress.remote(): job for job, actor in self.actors.items()}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0) if refs else ([], [])
         events: list[Event] = []
         for ref in ready:

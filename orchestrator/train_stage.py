@@ -10,7 +10,7 @@ from common.config import RunConfig
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
-from orchestrator.islands import ROUTER, job_name, place_jobs
+from orchestrator.islands import ROUTER, expert_index, place_jobs
 from orchestrator.stages import now_iso
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class TrainFailed(RuntimeError):
 
 
 def prefix_of(name: str) -> str:
-    return "router" if name == ROUTER else f"experts/{int(name.split('-')[1]):02d}"
+    return "router" if name == ROUTER else f"experts/{expert_index(name):02d}"
 
 
 def job_scope(name: str) -> tuple[list[str], list[str]]:
@@ -41,7 +41,7 @@ def build_jobs(config: RunConfig) -> dict:
     for placement in place_jobs(config):
         island = islands[placement.island]
         jobs[placement.job] = (router_job(config, island) if placement.job == ROUTER
-                               else expert_job(config, int(placement.job.split("-")[1]), island))
+                               else expert_job(config, expert_index(placement.job), island))
     return jobs
 
 
@@ -116,7 +116,7 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
     if result.failed and not config.islands.allow_partial:
         names = ", ".join(f"{n} ({e})" for n, e in sorted(result.failed.items()))
         raise TrainFailed(f"experts failed for good: {names}; set islands.allow_partial=true to gather the rest")
-    missing = sorted(int(n.split("-")[1]) for n in result.failed)
+    missing = sorted(expert_index(n) for n in result.failed)
     counts = {"experts": config.clustering.num_experts - len(missing), "skipped": len(done),
               "retries": sum(s.retries for s in result.states.values())}
     return StageResult(counts=counts, details={
@@ -136,4 +136,4 @@ def summarize_access(outcomes: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-__all__ = ["run_train_stage", "job_scope", "prefix_of", "build_jobs", "TrainFailed", "job_name"]
+__all__ = ["run_train_stage", "job_scope", "prefix_of", "build_jobs", "TrainFailed"]
