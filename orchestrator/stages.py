@@ -24,11 +24,14 @@ from common.storage import RunStore
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "cluster", "train", "gather")
-# What each stage writes; cleared before the stage (re)runs so immutable keys can be written afresh.
+# What each stage writes. A stage function clears its own outputs before writing (so it can be rerun
+# on its own); the runner clears only the outputs of the stages after it, which its rerun makes stale.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "prepare": ("data/",),
-    "cluster": ("clusters/", "experts/", "router/"),
-    "train": (),  # training resumes from its checkpoints; stale jobs are cleared per job (see train_stage)
+    "cluster": ("clusters/",),  # + each expert's partition, which cluster_data clears with its manifests
+    # The job folders (checkpoints, exports). Never cleared when train itself reruns: it resumes, and
+    # clears a job whose inputs changed (train_stage.reconcile_outputs).
+    "train": ("experts/", "router/"),
     "gather": ("ensemble.json",),
 }
 
@@ -114,10 +117,11 @@ class StageRunner:
         return StageOutcome(record, skipped=False)
 
     def invalidate_from(self, stage: str) -> None:
-        """Remove the records of `stage` and everything downstream, and the outputs they own."""
-        for later in STAGES[STAGES.index(stage):]:
+        """Remove the records of `stage` and everything downstream, and the downstream stages' outputs."""
+        first = STAGES.index(stage)
+        for i, later in enumerate(STAGES[first:], start=first):
             self.store.delete(f"stages/{later}.json")
-            for prefix in STAGE_OUTPUTS[later]:
+            for prefix in STAGE_OUTPUTS[later] if i > first else ():
                 self.store.delete(prefix.rstrip("/"))
 
 

@@ -38,6 +38,7 @@ def gather(config: RunConfig, store: RunStore, allow_partial: bool = False, miss
     router over the experts present. Without it a missing expert is an error.
     """
     K = config.clustering.num_experts
+    store.delete("ensemble.json")  # the previous ensemble is stale from here on: nobody may load it
     dataset = store.read_record("data/dataset.json", DatasetManifest)
     if dataset is None:
         raise GatherError(f"{store.url}/data/dataset.json: not committed (run the prepare stage first)")
