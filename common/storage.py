@@ -94,8 +94,13 @@ class RunStore:
             check_relative_path(key)
         except ValueError as exc:
             raise StoreError(f"{key}: {exc}") from None
+        return f"{self._root}/{key}"
+
+    @property
+    def _root(self) -> str:
+        """The run root as the filesystem names it (memory:// paths are absolute)."""
         root = self.url.split("://", 1)[1]
-        return f"{root}/{key}" if self.protocol != "memory" else f"/{root.lstrip('/')}/{key}"
+        return "/" + root.lstrip("/") if self.protocol == "memory" else root
 
     def _retry(self, what: str, key: str, fn: Callable[[], T]) -> T:
         delay = self.config.backoff_s
@@ -154,19 +159,15 @@ class RunStore:
 
     def list(self, prefix: str = "") -> list[str]:
         """All keys under `prefix` (recursive), relative to the run root, sorted."""
-        base = self._path(prefix.rstrip("/")) if prefix else self._path("x")[:-2]
-        root = self._path("x")[:-1]
+        base = self._path(prefix.rstrip("/")) if prefix else self._root
         try:
             found = self._retry("list", prefix, lambda: self.fs.find(base))
         except FileNotFoundError:
             return []
-        keys = []
-        for item in found:
-            item = item if item.startswith("/") or self.protocol != "memory" else "/" + item
-            rel = item[len(root.rstrip("/")) + 1:] if item.startswith(root.rstrip("/")) else item
-            if ".tmp-" not in rel:
-                keys.append(rel)
-        return sorted(keys)
+        if self.protocol == "memory":
+            found = ["/" + item.lstrip("/") for item in found]
+        cut = len(self._root) + 1
+        return sorted(item[cut:] for item in found if ".tmp-" not in item[cut:])
 
     def delete(self, key: str) -> None:
         path = self._path(key)
