@@ -99,10 +99,15 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
     if until == "gather":
         stage("gather", lambda: gather_and_preview(config, store, runner), uses_ray=False)
         summary.outputs = {"ensemble": f"{store.url}/ensemble.json",
-                           "samples": f"{store.url}/samples/ensemble_top1.png"}
+                           "samples": f"{store.url}/{preview_key(config)}"}
     summary.wall_s = time.perf_counter() - t0
     view.close()
     return summary
+
+
+def preview_key(config: RunConfig) -> str:
+    """Where gather's sample grid goes, named by the strategy that drew it."""
+    return f"samples/ensemble_{config.sampling.strategy}.png"
 
 
 def warn_unplaceable_islands(config: RunConfig) -> None:
@@ -134,5 +139,5 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
                      title=f"{config.name}: {config.sampling.strategy}, cfg {config.sampling.cfg_scale}")
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
-    store.write_bytes("samples/ensemble_top1.png", buffer.getvalue())
+    store.write_bytes(preview_key(config), buffer.getvalue())
     return StageResult(counts=result.counts, outputs=result.outputs, details=result.details)
