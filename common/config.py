@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from common.errors import UsageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Known sizes of the built-in sources, so that cross-field checks can run before any data is read.
@@ -247,7 +248,7 @@ class RunConfig(Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config problem, already phrased as one line for the user."""
 
 
@@ -314,7 +315,9 @@ def load_yaml_mapping(path: str, flag: str) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
     try:
-        tree = yaml.safe_load(file.read_text()) or {}
+        tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{flag} {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(tree, dict):

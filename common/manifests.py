@@ -6,6 +6,8 @@ root (no scheme, no absolute path, no `..`), so a manifest cannot point a reader
 
 from __future__ import annotations
 
+from common.errors import DDMError
+
 import posixpath
 import re
 from typing import Any, Literal
@@ -16,7 +18,7 @@ SCHEMA_VERSION = 1
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class ManifestError(ValueError):
+class ManifestError(DDMError, ValueError):
     """A record that is missing, malformed or unsafe; the message names the key and the reason."""
 
 

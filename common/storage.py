@@ -10,6 +10,8 @@ Credentials are never taken from, or written to, the config: s3fs reads the AWS 
 
 from __future__ import annotations
 
+from common.errors import DDMError, UsageError
+
 import hashlib
 import json
 import logging
@@ -30,7 +32,7 @@ T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
 
 
-class StoreError(RuntimeError):
+class StoreError(DDMError, RuntimeError):
     """A storage operation that failed for good; the message names the key."""
 
 
@@ -38,7 +40,7 @@ class IntegrityError(StoreError):
     """A payload whose size or sha256 does not match its record."""
 
 
-class ScopeError(PermissionError):
+class ScopeError(DDMError, PermissionError):
     """Access to a key outside a scoped view's prefixes."""
 
 
@@ -86,7 +88,10 @@ class RunStore:
                 endpoint = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 client_kwargs = {k: v for k, v in {"endpoint_url": endpoint, "region_name": self.config.region}.items() if v}
                 options = {"client_kwargs": client_kwargs, "use_listings_cache": False, "skip_instance_cache": True}
-            self._fs = fsspec.filesystem(self.protocol, **options)
+            try:
+                self._fs = fsspec.filesystem(self.protocol, **options)
+            except (ValueError, ImportError) as exc:  # unknown protocol, or its client is not installed
+                raise UsageError(f"{self.url}: cannot open this storage ({str(exc).splitlines()[0]})") from None
         return self._fs
 
     def _path(self, key: str) -> str:

@@ -1,4 +1,5 @@
-"""The `ddm` command line (DESIGN.md §6). Errors are one line; bad usage or config exits 2."""
+"""The `ddm` command line. Errors are one line, mapped to exit codes in one place (`main`): a `DDMError`
+carries its own code (2 bad usage or config, 1 a failed run); an OS or network error is a failed run."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from common.config import ConfigError, resolve_config, to_yaml
+from common.config import resolve_config, to_yaml
+from common.errors import EXIT_FAILURE, DDMError, UsageError
 
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad usage: printed as one line, exit code 2."""
+__all__ = ["COMMANDS", "UsageError", "add_config_args", "build_parser", "main", "one_line"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,12 +65,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except DDMError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except (OSError, ConnectionError) + _foreign_errors() as exc:
+        # The environment failed (disk, network, an object store): one line; rerunning resumes.
+        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """The first line of an error's message, capped (a message must never flood the terminal)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    text = lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _foreign_errors() -> tuple[type[BaseException], ...]:
+    """Storage-client errors that are not OSErrors (botocore's), when that client is loaded at all."""
+    botocore = sys.modules.get("botocore.exceptions")
+    return (botocore.BotoCoreError,) if botocore is not None else ()
 
 
 if __name__ == "__main__":

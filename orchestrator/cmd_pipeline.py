@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 from common.config import resolve_config
 from common.storage import RunStore
-from orchestrator.cli import COMMANDS, UsageError, add_config_args
+from orchestrator.cli import COMMANDS, add_config_args
 from orchestrator.stages import STAGES
 
 
@@ -19,21 +18,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"run_uri={args.run}")
     config = resolve_config(args.preset, args.config, overrides)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from common.manifests import ManifestError
-    from common.storage import ScopeError, StoreError
     from orchestrator.pipeline import run_pipeline
-    from orchestrator.train_stage import TrainFailed
-    from worker.ensemble import EnsembleError
-    from worker.gather import GatherError
-    from worker.sampler import SamplerError
 
-    try:
-        summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet)
-    except (TrainFailed, StoreError, ManifestError, ScopeError, GatherError, EnsembleError, SamplerError,
-            FileNotFoundError, ConnectionError) as exc:
-        # Failures the run itself explains (a file, a key, an expert) are one line; a bug keeps its traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet)
     print(f"\nrun {config.name} finished in {summary.wall_s:.1f}s; run store: {summary.run_uri}")
     for name, info in summary.stages.items():
         state = "skipped (committed)" if info["skipped"] else f"{info['duration_s']:.1f}s"
@@ -54,10 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.status import collect_status, format_status
 
-    try:
-        status = collect_status(RunStore(args.run))
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
+    status = collect_status(RunStore(args.run))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 

@@ -36,25 +36,6 @@ def open_run(uri: str) -> tuple[RunStore, RunConfig]:
     return RunStore(uri, config.storage), config
 
 
-def _guard(fn):
-    """Turn the worker's own one-line errors into `error: ...` (exit 2 for usage, 1 otherwise)."""
-    def run(args: argparse.Namespace) -> int:
-        from worker.ensemble import EnsembleError
-        from worker.evaluate import EvalError
-        from worker.gather import GatherError
-        from worker.sampler import SamplerError
-
-        try:
-            return fn(args)
-        except (SamplerError, EnsembleError) as exc:
-            raise UsageError(str(exc)) from None
-        except (EvalError, GatherError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    return run
-
-
-@_guard
 def cmd_sample(args: argparse.Namespace) -> int:
     from worker.distill import load_student
     from worker.ensemble import Ensemble
@@ -99,7 +80,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
 def cmd_eval(args: argparse.Namespace) -> int:
     from worker.evaluate import evaluate, to_markdown
 
@@ -111,7 +91,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
 
@@ -127,7 +106,6 @@ def default_report_dir(store: RunStore, config: RunConfig) -> Path:
     return Path("reports") / config.name
 
 
-@_guard
 def cmd_export(args: argparse.Namespace) -> int:
     from worker.ensemble import Ensemble
 
@@ -139,7 +117,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
 def cmd_distill(args: argparse.Namespace) -> int:
     from worker.distill import DistillConfig, distill
 

@@ -7,6 +7,8 @@ custom resources, so the same scheduling path runs as on a cluster.
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 import io
 import logging
 import os
@@ -56,7 +58,7 @@ def connect_ray(config: RunConfig, address: str | None) -> tuple[bool, str | Non
 def run_pipeline(config: RunConfig, until: str = "gather", address: str | None = None,
                  show_progress: bool = True) -> RunSummary:
     if until not in STAGES:
-        raise ValueError(f"--until {until}: expected one of {', '.join(STAGES)}")
+        raise UsageError(f"until = {until!r}: expected one of {', '.join(STAGES)}")
     t0 = time.perf_counter()
     store = RunStore(config.run_uri, config.storage)
     runner = StageRunner(store, config)

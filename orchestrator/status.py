@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 from datetime import datetime, timezone
 
 from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, RunRecord
@@ -30,7 +32,7 @@ def last_checkpoint(store: RunStore, prefix: str) -> CheckpointRecord | None:
 def collect_status(store: RunStore) -> dict:
     run = store.read_record("run.json", RunRecord)
     if run is None:
-        raise FileNotFoundError(f"{store.url}: no run.json (not a DDM run store)")
+        raise UsageError(f"{store.url}: no run.json (not a DDM run store)")
     stages = stage_summary(store)
     jobs = []
     for prefix in _jobs(store):

@@ -7,6 +7,8 @@ The job driver gets RAY_ADDRESS from Ray, so `ddm run` inside it joins the clust
 
 from __future__ import annotations
 
+from common.errors import DDMError
+
 import argparse
 import asyncio
 import os
@@ -27,7 +29,7 @@ EXCLUDES = ["runs/", "out/", ".git/", "__pycache__/", ".pytest_cache/", ".benchm
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(DDMError, RuntimeError):
     """A submission problem, phrased as one line for the user."""
 
 
@@ -196,12 +198,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except SubmitError as exc:
         raise UsageError(str(exc)) from None
     _check_locally(args.run_args, args.working_dir)
-    try:
-        status = submit(args.address, args.run_args, working_dir=args.working_dir,
-                        runtime_env=runtime_env, follow=not args.no_follow)
-    except SubmitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    status = submit(args.address, args.run_args, working_dir=args.working_dir,
+                    runtime_env=runtime_env, follow=not args.no_follow)  # SubmitError: one line, exit 1
     return 0 if status not in {"FAILED", "STOPPED"} else 1
 
 

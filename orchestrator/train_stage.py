@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.errors import DDMError
+
 import logging
 import time
 from typing import Callable
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 JOB_OUTPUTS = ("checkpoints", "export", "export.json", "metrics.jsonl", "samples", "status.json", "job.json")
 
 
-class TrainFailed(RuntimeError):
+class TrainFailed(DDMError, RuntimeError):
     """Raised when a job failed for good and the run does not allow a partial ensemble."""
 
 

@@ -12,6 +12,8 @@ argmax x.c. The "score" below is that maximised quantity.
 
 from __future__ import annotations
 
+from common.config import ConfigError
+
 import math
 from dataclasses import dataclass
 
@@ -136,7 +138,7 @@ def fit_two_stage(sample: torch.Tensor, num_fine: int, num_coarse: int, iteratio
     The number of fine centroids is clipped to the sample size and raised to at least K."""
     n = len(sample)
     if num_coarse > n:
-        raise ValueError(f"clustering: K = {num_coarse} exceeds the {n} rows available to fit")
+        raise ConfigError(f"clustering.num_experts = {num_coarse} exceeds the {n} rows available to fit")
     num_fine = min(max(num_fine, num_coarse), n)
     fine = kmeans(sample, num_fine, iterations, metric, seed)
     live = fine.counts > 0
@@ -188,7 +190,7 @@ class BalancedAssigner:
                     out[rows] = c
                     self.remaining[c] -= take
         if (out < 0).any():
-            raise ValueError("balanced assignment: total capacity is smaller than the data; raise "
+            raise ConfigError("clustering.max_cluster_fraction: total capacity is smaller than the data; raise "
                              "clustering.max_cluster_fraction")
         return out
 
@@ -197,6 +199,6 @@ def balanced_capacity(rows: int, k: int, max_fraction: float) -> int:
     """Cap = ceil(max_fraction * rows); refuses a cap that cannot hold all rows."""
     cap = math.ceil(max_fraction * rows - 1e-9)  # 0.55 * 900 is 495.00000000000006 in floats
     if cap * k < rows:
-        raise ValueError(f"clustering.max_cluster_fraction = {max_fraction} x K = {k} < 1: "
+        raise ConfigError(f"clustering.max_cluster_fraction = {max_fraction} x K = {k} < 1: "
                          f"{k} clusters of at most {cap} rows cannot hold {rows} rows")
     return cap

@@ -12,6 +12,8 @@ process (the idempotency test reads it; Ray workers count in their own processes
 
 from __future__ import annotations
 
+from common.config import ConfigError
+
 from typing import Any
 
 import numpy as np
@@ -141,20 +143,20 @@ class Encoders:
         self.cfg_features, self.cfg_latents = features, latents
         if features.extractor == "dinov2":
             if not features.model:
-                raise ValueError("features.model: required for extractor dinov2 (a Hugging Face id or directory)")
+                raise ConfigError("features.model: required for extractor dinov2 (a Hugging Face id or directory)")
             self.features: Any = Dinov2Features(features.model, resolve_device(features.device))
         else:
             self.features = PixelFeatures(features.pixels_size)
         if latents.encoder == "vae":
             if not latents.model:
-                raise ValueError("latents.model: required for encoder vae (a Hugging Face id or directory)")
+                raise ConfigError("latents.model: required for encoder vae (a Hugging Face id or directory)")
             self.latents: Any = VaeLatents(latents.model, latents.subfolder, resolve_device(latents.device))
         else:
             self.latents = IdentityLatents()
         self.text: ClipText | None = None
         if text.encoder == "clip":
             if not text.model:
-                raise ValueError("text.model: required for text encoder clip")
+                raise ConfigError("text.model: required for text encoder clip")
             self.text = ClipText(text.model, text.max_length, resolve_device(latents.device))
 
     def __call__(self, x: torch.Tensor, captions: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -7,6 +7,8 @@ relative keys plus its own `ensemble.json`, so a folder loads exactly like a run
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +22,7 @@ from worker.checkpoint import model_from_refs
 from worker.sampler import STRATEGIES, EnsembleVelocity, SamplerError, as_time, guided, posterior
 
 
-class EnsembleError(RuntimeError):
+class EnsembleError(UsageError, RuntimeError):
     """The ensemble cannot be loaded or used; one line naming the file or argument."""
 
 
@@ -86,7 +88,7 @@ class Ensemble:
         C = self.num_classes
         if C is None:
             if classes is not None:
-                raise SamplerError("--class: this run is not class-conditional")
+                raise SamplerError("classes: this run is not class-conditional")
             return None
         if classes is None:
             labels = torch.arange(n) % C
@@ -96,14 +98,14 @@ class Ensemble:
             labels = torch.as_tensor(classes).reshape(-1).long()
             labels = labels.repeat((n + len(labels) - 1) // len(labels))[:n]
         if ((labels < 0) | (labels >= C)).any():
-            raise SamplerError(f"--class {int(labels[(labels < 0) | (labels >= C)][0])}: out of range [0, {C - 1}]")
+            raise SamplerError(f"classes: label {int(labels[(labels < 0) | (labels >= C)][0])}: out of range [0, {C - 1}]")
         return labels.to(self.device)
 
     def text_for(self, n: int, text: Tensor) -> Tensor:
         """A prompt's token embeddings repeated for n samples; refused when the experts are not text models."""
         model = next(e for e in self.experts if e is not None)
         if model.config.conditioning != "text":
-            raise SamplerError(f"--prompt: this run is not text-conditional (conditioning = {model.config.conditioning})")
+            raise SamplerError(f"text: this run is not text-conditional (conditioning = {model.config.conditioning})")
         text = text.float().to(self.device)
         return text.expand(n, *text.shape[-2:]).contiguous() if text.dim() == 2 or len(text) == 1 else text
 
@@ -187,9 +189,9 @@ class Ensemble:
         from worker.flow import sample as integrate
 
         if strategy not in STRATEGIES:
-            raise SamplerError(f"--strategy {strategy}: unknown; choose one of {', '.join(STRATEGIES)}")
+            raise SamplerError(f"strategy = {strategy!r}: unknown; choose one of {', '.join(STRATEGIES)}")
         if n < 1 or steps < 1:
-            raise SamplerError(f"--n {n} / --steps {steps}: must be >= 1")
+            raise SamplerError(f"n = {n}, steps = {steps}: both must be >= 1")
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn([n, *self.manifest.latent_shape], generator=generator).to(self.device)
         cond = self.text_for(n, text) if text is not None else self.classes_for(n, classes)

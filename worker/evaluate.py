@@ -12,6 +12,8 @@ Results go to `eval/results.json` and `eval/results.md` in the run store.
 
 from __future__ import annotations
 
+from common.errors import DDMError
+
 import json
 import math
 from pathlib import Path
@@ -34,7 +36,7 @@ FLOP_BATCH = 8  # samples per FLOP count: the count is exact per sample, a small
 FLOP_STEPS = 4
 
 
-class EvalError(RuntimeError):
+class EvalError(DDMError, RuntimeError):
     """Evaluation cannot run; one line naming the missing record or bad argument."""
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from common.errors import DDMError
+
 from datetime import datetime, timezone
 
 from common.config import RunConfig
@@ -11,7 +13,7 @@ from common.manifests import (ClusterManifest, DatasetManifest, EnsembleManifest
 from common.storage import RunStore
 
 
-class GatherError(RuntimeError):
+class GatherError(DDMError, RuntimeError):
     """An export is missing or corrupt; the message names the key."""
 
 

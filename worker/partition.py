@@ -20,6 +20,8 @@ the partition the paper's method is defined on. Lower K, or set clustering.balan
 
 from __future__ import annotations
 
+from common.config import ConfigError
+
 import io
 import json
 import logging
@@ -116,7 +118,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         raise FileNotFoundError(f"{store.url}/data/dataset.json: not committed; run the prepare stage first")
     n = ds.used
     if k > n:
-        raise ValueError(f"clustering.num_experts = {k} exceeds the {n} prepared rows")
+        raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared rows")
     _clear(store)
     device = resolve_device(cc.device)
     details: dict[str, Any] = {}
@@ -174,7 +176,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     size_list = sizes.tolist()
     if min(size_list) == 0:
         empty = [e for e, s in enumerate(size_list) if s == 0]
-        raise ValueError(f"clustering: K = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
+        raise ConfigError(f"clustering.num_experts = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
                          "lower clustering.num_experts or set clustering.balanced=true")
     if coarse is None:  # random: centroids are the clusters' feature means, for the report and router
         coarse = (sums / sizes[:, None]).float()

@@ -15,6 +15,9 @@ check (first occurrence wins) and row indices are deterministic whatever the par
 
 from __future__ import annotations
 
+from common.config import ConfigError
+from common.errors import DataError
+
 import hashlib
 import json
 import logging
@@ -134,7 +137,7 @@ def _encode_all(config: RunConfig, fs: Any, batches: list[list[Item]]) -> Iterat
 
     resources = ray.cluster_resources()
     if config.prepare.use_gpu and resources.get("GPU", 0) < 1:
-        raise RuntimeError("prepare.use_gpu = true but the Ray cluster has no GPU")
+        raise ConfigError("prepare.use_gpu = true but the Ray cluster has no GPU")
     n = max(1, min(config.prepare.num_workers, len(batches), int(resources.get("CPU", 1))))
     actor_cls = ray.remote(num_cpus=1, num_gpus=1 if config.prepare.use_gpu else 0)(EncodeWorker)
     actors = [actor_cls.remote(*args) for _ in range(n)]
@@ -259,7 +262,7 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
     if len(items) != used + len(quarantine):
         raise AssertionError(f"prepare: discovered {len(items)} != used {used} + quarantined {len(quarantine)}")
     if used == 0:
-        raise ValueError(f"data.source {config.data.source}: none of the {len(items)} discovered items is usable "
+        raise DataError(f"data.source {config.data.source}: none of the {len(items)} discovered items is usable "
                          f"(reasons in data/quarantine.jsonl)")
     if config.latents.encoder == "vae":
         scale = vae_scale(vae_config(config.latents.model, config.latents.subfolder))  # type: ignore[arg-type]

@@ -21,6 +21,8 @@ forward per row plus the router, whatever K is.
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 from typing import Callable, Sequence
 
 import torch
@@ -34,7 +36,7 @@ RouterFn = Callable[[Tensor, Tensor], Tensor]
 STRATEGIES = ("top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single")
 
 
-class SamplerError(ValueError):
+class SamplerError(UsageError, ValueError):
     """Bad sampling arguments, phrased as one line."""
 
 

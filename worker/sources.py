@@ -13,6 +13,8 @@ the path relative to the source with or without extension (tar shards: the sampl
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 import csv
 import io
 import json
@@ -52,7 +54,7 @@ class Discovery:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class SourceError(ValueError):
+class SourceError(UsageError, ValueError):
     """A source that cannot be used at all (missing, empty, unreadable labels file)."""
 
 

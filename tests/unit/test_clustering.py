@@ -8,7 +8,7 @@ import torch
 from safetensors.numpy import load
 from sklearn.metrics import adjusted_rand_score
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, kmeans, nearest, prepare
@@ -138,6 +138,6 @@ def test_empty_cluster_is_refused_with_the_sizes(tmp_path):
         "clustering": {"num_experts": 2}, "training": {"global_batch": 8}})
     store = RunStore(str(tmp_path / "run"))
     prepare_data(cfg, store)
-    with pytest.raises(ValueError, match=r"^clustering: K = 2 leaves cluster\(s\) \[1\] empty \(sizes \[6, 0\]\)"):
+    with pytest.raises(ConfigError, match=r"^clustering.num_experts = 2 leaves cluster\(s\) \[1\] empty \(sizes \[6, 0\]\)"):
         cluster_data(cfg, store)
     assert store.read_record("clusters/clusters.json", ClusterManifest) is None

@@ -13,6 +13,8 @@ Conditioning (one shared embedder produces c = emb(t) + emb(cond) for every bloc
 
 from __future__ import annotations
 
+from common.config import ConfigError
+
 import math
 
 import numpy as np
@@ -121,13 +123,13 @@ class DiTTrunk(nn.Module):
         super().__init__()
         H, W = input_size
         if H % patch_size or W % patch_size:
-            raise ValueError(f"model.patch_size = {patch_size} does not divide the input size {H}x{W}")
+            raise ConfigError(f"model.patch_size = {patch_size} does not divide the input size {H}x{W}")
         if width % heads or (width // 2) % 2:
-            raise ValueError(f"model.width = {width} must be divisible by heads = {heads} and by 4 (sin-cos positions)")
+            raise ConfigError(f"model.width = {width} must be divisible by heads = {heads} and by 4 (sin-cos positions)")
         if conditioning == "class" and not num_classes:
-            raise ValueError("model.conditioning = 'class' needs num_classes (the data has no labels)")
+            raise ConfigError("model.conditioning = 'class' needs num_classes (the data has no labels)")
         if conditioning == "text" and not text_dim:
-            raise ValueError("model.conditioning = 'text' needs text_dim (the data has no text embeddings)")
+            raise ConfigError("model.conditioning = 'text' needs text_dim (the data has no text embeddings)")
         self.conditioning, self.num_classes = conditioning, num_classes
         self.patch = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_pos_embed_2d(width, H // patch_size, W // patch_size)[None], persistent=False)
@@ -229,7 +231,7 @@ def dit_forward_flops(width: int, depth: int, input_size, patch_size: int, chann
 def resolve_size(model: ModelConfig) -> dict:
     """The preset of `model.size` with any explicit width/depth/heads overrides applied."""
     if model.size not in DIT_SIZES:
-        raise ValueError(f"model.size = {model.size!r}: unknown; known: {', '.join(DIT_SIZES)}")
+        raise ConfigError(f"model.size = {model.size!r}: unknown; known: {', '.join(DIT_SIZES)}")
     dims = dict(DIT_SIZES[model.size])
     for key in ("width", "depth", "heads"):
         if getattr(model, key) is not None:
