@@ -19,7 +19,7 @@ from collections import defaultdict
 from common.config import resolve_config
 from common.manifests import StageRecord
 from common.storage import RunStore
-from orchestrator.train_stage import prefix_of
+from common.keys import job_prefix
 
 
 def loop_seconds(store: RunStore, prefix: str) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     placement = stages["train"].details["placement"]
     per_island: dict[str, float] = defaultdict(float)
     for job, island in placement.items():
-        prefix = prefix_of(job)
+        prefix = job_prefix(job)
         seconds = loop_seconds(store, prefix)
         per_island[island] += seconds
         print(f"  {job:<10} on {island:<9} {seconds:7.1f} s in the training loop")

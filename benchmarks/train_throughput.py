@@ -5,7 +5,7 @@ bf16 (GPU) / fp32 (CPU) matmul measured in the same process.
     python benchmarks/train_throughput.py --suite h200          # GPU: DiT-XL/2 b128 and DiT-B/2 b256, 4x32x32
     python benchmarks/train_throughput.py --size B --batch 256 --latent 4 32 32 --precision bf16 --compile
 
-Targets on one H200 (DESIGN.md §10, issue 4): >= 620 img/s for XL/2 at batch 128, >= 3,000 for B/2 at 256.
+Targets on one H200 (docs/design.md §10): >= 620 img/s for XL/2 at batch 128, >= 3,000 for B/2 at 256.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Schemas of everything committed to the run store (DESIGN.md §4).
+"""Schemas of everything committed to the run store (docs/design.md §4).
 
 Every record carries `schema_version`; unknown fields are refused; every path is relative to the run
 root (no scheme, no absolute path, no `..`), so a manifest cannot point a reader outside the run.

@@ -1,4 +1,4 @@
-"""The run store: one fsspec root per run, with the commit protocol of DESIGN.md §4.
+"""The run store: one fsspec root per run, with the commit protocol of docs/design.md §4.
 
 - Payloads are immutable: `put_payload` refuses to overwrite a key with different content.
 - A record (small JSON) listing payloads with their sha256 is written last; readers trust only

@@ -7,28 +7,18 @@ automatic: longest expected job first, each onto the island where it would finis
 
 from __future__ import annotations
 
+from common.keys import ROUTER, job_name
+
 import math
 from dataclasses import dataclass
 
 from common.config import IslandConfig, ModelConfig, RunConfig
-
-ROUTER = "router"
-
 
 @dataclass(frozen=True)
 class Placement:
     job: str  # "expert-03" or "router"
     island: str
     expected_cost: float
-
-
-def job_name(k: int) -> str:
-    return f"expert-{k:02d}"
-
-
-def expert_index(name: str) -> int:
-    """The inverse of `job_name`: "expert-03" -> 3."""
-    return int(name.removeprefix("expert-"))
 
 
 def model_cost(model: ModelConfig) -> float:

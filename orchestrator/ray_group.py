@@ -1,6 +1,6 @@
 """The Ray implementation of `WorkerGroup`: one named actor per job attempt, pinned to its island.
 
-Each actor receives only its job spec and a store view scoped to that job (DESIGN.md §5); nothing
+Each actor receives only its job spec and a store view scoped to that job (docs/design.md §5); nothing
 else crosses islands. Actors report progress when asked; a dead actor or node surfaces as `Crashed`.
 """
 

@@ -7,6 +7,8 @@ Rendering only: every number comes from the run store or from the worker's sampl
 
 from __future__ import annotations
 
+from common.keys import ROUTER, STUDENT, expert_prefix
+
 import html
 import json
 from pathlib import Path
@@ -59,7 +61,7 @@ def _clusters(store: RunStore, out: Path) -> str:
 
 
 def _curves(store: RunStore, out: Path, K: int) -> str:
-    jobs = [f"experts/{k:02d}" for k in range(K)] + ["router", "student"]
+    jobs = [expert_prefix(k) for k in range(K)] + [ROUTER, STUDENT]
     fig, ax = plt.subplots(figsize=(6, 3))
     drawn = 0
     for prefix in jobs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from common.keys import export_key, status_key
+
 from common.errors import UsageError
 
 from datetime import datetime, timezone
@@ -36,8 +38,8 @@ def collect_status(store: RunStore) -> dict:
     stages = stage_summary(store)
     jobs = []
     for prefix in _jobs(store):
-        status = store.read_record(f"{prefix}/status.json", JobStatusRecord)
-        export = store.read_record(f"{prefix}/export.json", ExportRecord)
+        status = store.read_record(status_key(prefix), JobStatusRecord)
+        export = store.read_record(export_key(prefix), ExportRecord)
         ckpt = last_checkpoint(store, prefix)
         entry = {"prefix": prefix, "state": status.state if status else ("succeeded" if export else "not started"),
                  "island": status.island if status else None, "attempts": status.attempts if status else 0,

@@ -12,7 +12,8 @@ from common.config import RunConfig
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
-from orchestrator.islands import ROUTER, expert_index, place_jobs
+from common.keys import ROUTER, expert_index, export_key, job_prefix, status_key
+from orchestrator.islands import place_jobs
 from orchestrator.stages import now_iso
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,11 @@ class TrainFailed(DDMError, RuntimeError):
     """Raised when a job failed for good and the run does not allow a partial ensemble."""
 
 
-def prefix_of(name: str) -> str:
-    return "router" if name == ROUTER else f"experts/{expert_index(name):02d}"
-
-
 def job_scope(name: str) -> tuple[list[str], list[str]]:
     """(read-write, read-only) prefixes of a job: its own prefix; the router also reads all latents."""
     if name == ROUTER:
         return ["router/"], ["data/shards/", "clusters/assignments/"]
-    return [prefix_of(name) + "/"], []
+    return [job_prefix(name) + "/"], []
 
 
 def build_jobs(config: RunConfig) -> dict:
@@ -51,13 +48,13 @@ def reconcile_outputs(store: RunStore, names: list[str], fingerprint: str) -> se
     """Clear outputs made from other inputs; return the jobs whose export is already committed."""
     done = set()
     for name in names:
-        prefix = prefix_of(name)
+        prefix = job_prefix(name)
         stamp = store.read_bytes(f"{prefix}/job.json").decode() if store.exists(f"{prefix}/job.json") else None
         if stamp != fingerprint:
             for item in JOB_OUTPUTS:
                 store.delete(f"{prefix}/{item}")
             store.write_bytes(f"{prefix}/job.json", fingerprint.encode())
-        elif store.read_record(f"{prefix}/export.json", ExportRecord) is not None:
+        elif store.read_record(export_key(prefix), ExportRecord) is not None:
             done.add(name)
     return done
 
@@ -93,7 +90,7 @@ class StatusWriter:
             duration_nimg=int(p.get("duration_nimg", self.jobs[state.name].training.duration_nimg)),
             loss=p.get("loss"), img_per_s=p.get("img_per_s"), eta_s=p.get("eta_s"), node=p.get("node"),
             last_error=state.last_error, fingerprint=self.fingerprint, updated_at=now_iso())
-        self.store.write_bytes(f"{prefix_of(state.name)}/status.json", record.model_dump_json(indent=2).encode())
+        self.store.write_bytes(status_key(job_prefix(state.name)), record.model_dump_json(indent=2).encode())
 
 
 def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
@@ -138,4 +135,4 @@ def summarize_access(outcomes: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-__all__ = ["run_train_stage", "job_scope", "prefix_of", "build_jobs", "TrainFailed"]
+__all__ = ["run_train_stage", "job_scope", "build_jobs", "TrainFailed"]

@@ -1,4 +1,4 @@
-"""Checkpoints and exports through the run store's commit protocol (DESIGN.md §4, §5). No pickles.
+"""Checkpoints and exports through the run store's commit protocol (docs/design.md §4, §5). No pickles.
 
 Resumable state  <prefix>/checkpoints/<nimg:012d>-<token>/{model,ema,optimizer,state}.safetensors,
                  committed by <prefix>/checkpoints/<nimg:012d>.json (CheckpointRecord) written last.
@@ -8,6 +8,8 @@ A file set whose record never got written (a killed process, a torn write) is ne
 """
 
 from __future__ import annotations
+
+from common.keys import export_key
 
 import json
 import logging
@@ -118,7 +120,7 @@ def save_export(store: RunStore, prefix: str, job: str, kind: str, nimg: int, em
         config = store.put_payload(f"{folder}/{CONFIG_NAME}", (Path(tmp) / CONFIG_NAME).read_bytes())
     record = ExportRecord(job=job, kind=kind, nimg=nimg, weights=weights, model_config_file=config,
                           final_metrics=metrics or {})
-    store.commit(f"{prefix}/export.json", record)
+    store.commit(export_key(prefix), record)
     return record
 
 
@@ -134,7 +136,7 @@ def model_from_refs(store: RunStore, kind: str, weights: FileRef, config: FileRe
 
 
 def load_export(store: RunStore, prefix: str) -> tuple[nn.Module, ExportRecord]:
-    record = store.read_record(f"{prefix}/export.json", ExportRecord)
+    record = store.read_record(export_key(prefix), ExportRecord)
     if record is None:
         raise FileNotFoundError(f"{prefix}/export.json: no committed export (training not finished)")
     return model_from_refs(store, record.kind, record.weights, record.model_config_file), record

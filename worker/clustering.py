@@ -2,7 +2,7 @@
 
 Stage 1 fits many fine centroids (default 1,024) on a sample of the features; stage 2 consolidates
 them into K coarse centroids with k-means on the fine centroids weighted by their mass. Every row is
-then assigned to its nearest coarse centroid (DESIGN.md §2), streamed in chunks so memory is bounded
+then assigned to its nearest coarse centroid (docs/design.md §2), streamed in chunks so memory is bounded
 by the chunk, not the dataset.
 
 Metrics: `euclidean`, or `cosine` = spherical k-means (features and centroids on the unit sphere).

@@ -1,4 +1,4 @@
-"""Safe decoding of untrusted images and captions (DESIGN.md §5 "Bad input").
+"""Safe decoding of untrusted images and captions (docs/design.md §5 "Bad input").
 
 Every failure raises `Quarantined` with a one-line reason whose first word is a stable kind:
 

@@ -9,6 +9,8 @@ like an expert (`student/export.json`) and samples as a one-member ensemble.
 
 from __future__ import annotations
 
+from common.keys import export_key
+
 import copy
 import json
 import time
@@ -91,7 +93,7 @@ def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfi
 
 def load_student(store: RunStore) -> Ensemble | None:
     """The distilled student as a one-member ensemble (no router), or None when not distilled."""
-    record = store.read_record(f"{PREFIX}/export.json", ExportRecord)
+    record = store.read_record(export_key(PREFIX), ExportRecord)
     if record is None:
         return None
     gathered = store.read_record("ensemble.json", EnsembleManifest)

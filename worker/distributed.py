@@ -8,6 +8,8 @@ TorchTrainer per expert, its workers pinned by the island's resources / label se
 
 from __future__ import annotations
 
+from common.keys import export_key
+
 import logging
 from typing import Callable
 
@@ -48,7 +50,7 @@ def train_distributed(job: TrainJob, store: RunStore, on_progress: Callable[[dic
                              failure_config=FailureConfig(max_failures=0)),
     )
     trainer.fit()
-    record = store.read_record(f"{job.prefix}/export.json", ExportRecord)
+    record = store.read_record(export_key(job.prefix), ExportRecord)
     if record is None:
         raise RuntimeError(f"{job.name}@{job.island}: Ray Train finished but {job.prefix}/export.json is not committed")
     return record

@@ -1,4 +1,4 @@
-"""Flow matching with the interpolant of DESIGN.md §2: x_t = (1 - t) x0 + t eps, v = eps - x0, t = 1 is noise.
+"""Flow matching with the interpolant of docs/design.md §2: x_t = (1 - t) x0 + t eps, v = eps - x0, t = 1 is noise.
 
 Decentralized Flow Matching (paper eq. 4-7) needs nothing special here: each expert minimises the
 ordinary loss below on its own cluster only; the router supplies p(k | x_t, t) at sampling time.

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from common.keys import ROUTER, expert_prefix, export_key
+
 from common.errors import DDMError
 
 from datetime import datetime, timezone
@@ -17,12 +19,8 @@ class GatherError(DDMError, RuntimeError):
     """An export is missing or corrupt; the message names the key."""
 
 
-def expert_prefix(k: int) -> str:
-    return f"experts/{k:02d}"
-
-
 def _member(store: RunStore, prefix: str, expert: int) -> tuple[EnsembleMember, list[FileRef]] | None:
-    record = store.read_record(f"{prefix}/export.json", ExportRecord)
+    record = store.read_record(export_key(prefix), ExportRecord)
     if record is None:
         return None
     for ref in (record.weights, record.model_config_file):
@@ -68,7 +66,7 @@ def gather(config: RunConfig, store: RunStore, allow_partial: bool = False, miss
 
     router = None
     if K > 1:
-        found = _member(store, "router", -1)
+        found = _member(store, ROUTER, -1)
         if found is None:
             raise GatherError(f"{store.url}/router/export.json: not committed (the router has not finished)")
         router, refs = found

@@ -1,5 +1,5 @@
 """The cluster stage: fit two-stage k-means on a feature sample, stream the assignment over the data
-shards, and cut each expert's own partition (DESIGN.md §2, §4; paper §4.1).
+shards, and cut each expert's own partition (docs/design.md §2, §4; paper §4.1).
 
 Store layout written here:
     clusters/centroids.safetensors        fine [F,D], coarse [K,D], fine_to_coarse [F], fine_counts [F]
@@ -19,6 +19,8 @@ the partition the paper's method is defined on. Lower K, or set clustering.balan
 """
 
 from __future__ import annotations
+
+from common.keys import ROUTER, expert_prefix, manifest_key
 
 from common.config import ConfigError
 
@@ -66,7 +68,7 @@ def fit_sample(store: RunStore, ds: DatasetManifest, size: int, seed: int) -> to
 def _clear(store: RunStore) -> None:
     """Drop a previous clustering: records first, then payloads (none of it is trusted any more)."""
     experts = sorted({k.split("/")[1] for k in store.list("experts") if re.match(r"^experts/\d+/", k)})
-    for record in ["clusters/clusters.json", "router/manifest.json"] + [f"experts/{e}/manifest.json" for e in experts]:
+    for record in ["clusters/clusters.json", manifest_key(ROUTER)] + [manifest_key(f"experts/{e}") for e in experts]:
         store.delete(record)
     store.delete("clusters")
     for e in experts:
@@ -164,7 +166,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
             if len(rows) == 0:
                 continue
             part = {name: np.ascontiguousarray(v[rows]) for name, v in tensors.items()}
-            eref = store.put_payload(f"experts/{e:02d}/data/{i:05d}.safetensors", save_safetensors(part))
+            eref = store.put_payload(f"{expert_prefix(e)}/data/{i:05d}.safetensors", save_safetensors(part))
             expert_refs[e].append(ShardRef(**eref.model_dump(), rows=len(rows)))
             labels, counts = np.unique(part["labels"], return_counts=True)
             for label, count in zip(labels.tolist(), counts.tolist()):
@@ -201,7 +203,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         centroids=centroids, assignments=assignment_refs, report=report_ref, images=images))
 
     for e in range(k):
-        store.commit(f"experts/{e:02d}/manifest.json", ExpertManifest(
+        store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
             expert=e, num_experts=k, rows=size_list[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
             text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
     store.commit("router/manifest.json", RouterManifest(

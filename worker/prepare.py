@@ -1,6 +1,6 @@
 """The prepare stage: discover -> read + decode safely -> encode -> immutable shards + dataset.json.
 
-Store layout written here (DESIGN.md §4):
+Store layout written here (docs/design.md §4):
     data/shards/<i:05d>.safetensors   latents [N,C,H,W] f32, features [N,D] f32, labels [N] i64 (-1 =
                                       unlabelled), index [N] i64 (global row), thumbs [N,h,w,c] u8,
                                       text_pooled [N,Dt] / text_tokens [N,L,Dt] with a text encoder

@@ -9,6 +9,8 @@ checkpoint is bit-identical on CPU, and W workers reproduce one worker up to flo
 
 from __future__ import annotations
 
+from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_key
+
 import argparse
 import copy
 import io
@@ -64,8 +66,8 @@ class TrainJob(BaseModel):
 
 def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
     batch = config.expert_batch
-    return TrainJob(name=f"expert-{k:02d}", kind="expert", prefix=f"experts/{k:02d}",
-                    manifest_key=f"experts/{k:02d}/manifest.json", model=config.model, training=config.training,
+    return TrainJob(name=job_name(k), kind="expert", prefix=expert_prefix(k),
+                    manifest_key=manifest_key(expert_prefix(k)), model=config.model, training=config.training,
                     batch=batch, micro_batch=island.per_worker_batch or batch // island.num_workers,
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 100 + k),
                     island=island.name, num_experts=config.clustering.num_experts)
@@ -73,7 +75,7 @@ def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
 
 def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
     batch = config.router.training.global_batch
-    return TrainJob(name="router", kind="router", prefix="router", manifest_key="router/manifest.json",
+    return TrainJob(name=ROUTER, kind="router", prefix=ROUTER, manifest_key=manifest_key(ROUTER),
                     model=config.router.model, training=config.router.training, batch=batch,
                     micro_batch=island.per_worker_batch or batch // island.num_workers,
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 99),
@@ -81,7 +83,7 @@ def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
 
 
 def job_store(store: RunStore, job: TrainJob) -> ScopedStore:
-    """The job's view (DESIGN.md §5): write under its prefix, read its manifest and listed shards only."""
+    """The job's view (docs/design.md §5): write under its prefix, read its manifest and listed shards only."""
     cls = RouterManifest if job.kind == "router" else ExpertManifest
     manifest = store.read_record(job.manifest_key, cls)
     refs = (manifest.shards + list(getattr(manifest, "assignments", []))) if manifest else []
@@ -117,7 +119,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
           device: torch.device | None = None) -> ExportRecord:
     """Train `job` to duration_nimg, resuming from its latest committed checkpoint; returns the export."""
     tc, end = job.training, job.training.duration_nimg
-    done = store.read_record(f"{job.prefix}/export.json", ExportRecord)
+    done = store.read_record(export_key(job.prefix), ExportRecord)
     if done is not None and done.nimg >= end:
         return done
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -170,7 +172,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
         save_export(store, job.prefix, job.name, job.kind, nimg, ema, meter.last)
     if world > 1:
         dist.barrier()  # every rank returns the export that rank 0 committed
-    return store.read_record(f"{job.prefix}/export.json", ExportRecord)
+    return store.read_record(export_key(job.prefix), ExportRecord)
 
 
 def _round_up(n: int, k: int) -> int:

@@ -158,6 +158,20 @@ def test_runtime_env_matches_pyproject_without_torchvision():
             assert "torchvision" not in path.read_text().lower(), path
 
 
+def test_lock_pins_every_dependency_portably():
+    """The lock pins each runtime and test dependency exactly, names no local index or wheel folder, and
+    pins the torch release CI tests (without a local build tag, so PyPI serves it anywhere)."""
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    pins = dict(line.split("==", 1) for line in lock if "==" in line and not line.startswith((" ", "#")))
+    pins = {re.split(r"[\[ ;]", name, maxsplit=1)[0].lower(): version.split(" ")[0] for name, version in pins.items()}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = _names(project["dependencies"]) | _names(project["optional-dependencies"]["test"]) | {"boto3"}
+    assert wanted <= set(pins), sorted(wanted - set(pins))
+    assert pins["torch"] == "2.13.0"
+    assert not [line for line in lock if line.startswith("-") or "file://" in line or "+cpu" in line]
+    assert "pip install -r requirements.lock" in (DEPLOY / "Dockerfile").read_text()
+
+
 def test_dockerfile_installs_the_project():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)

@@ -61,7 +61,7 @@ def test_bad_configs_name_the_field():
 
 
 def test_flops_match_the_dit_paper():
-    # DESIGN.md §10: training FLOPs per 256px image, DiT-B/2 139 G, DiT-XL/2 716 G (3x forward).
+    # docs/design.md §10: training FLOPs per 256px image, DiT-B/2 139 G, DiT-XL/2 716 G (3x forward).
     xl = 3 * dit_forward_flops(1152, 28, (32, 32), 2, 4) / 1e9
     b = 3 * dit_forward_flops(768, 12, (32, 32), 2, 4) / 1e9
     assert abs(xl - 716) / 716 < 0.02 and abs(b - 139) / 139 < 0.02

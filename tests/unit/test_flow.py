@@ -1,4 +1,4 @@
-"""The interpolant, timestep sampling, the loss and the samplers (DESIGN.md §2 convention)."""
+"""The interpolant, timestep sampling, the loss and the samplers (docs/design.md §2 convention)."""
 
 from __future__ import annotations
 

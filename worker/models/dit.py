@@ -2,7 +2,7 @@
 
 primitives (sin-cos positions, timestep embedding) -> conditioning embedders -> adaLN-Zero block ->
 final layer -> DiT -> size presets -> `build_dit`. The network predicts the flow-matching velocity
-v = eps - x0 of the interpolant x_t = (1 - t) x0 + t eps (DESIGN.md §2), with t in [0, 1].
+v = eps - x0 of the interpolant x_t = (1 - t) x0 + t eps (docs/design.md §2), with t in [0, 1].
 
 Conditioning (one shared embedder produces c = emb(t) + emb(cond) for every block, not one per block):
 - "none":  c = emb(t).
