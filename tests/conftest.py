@@ -19,6 +19,18 @@ S3_KEY_ID = "ddmtestkeyid"
 S3_SECRET = "ddm-test-secret-" + uuid.uuid4().hex  # grepped for in stored files and logs
 
 
+RAY_FIXTURES = {"ray_session", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers stay honest: a test that starts or joins Ray through a fixture must be marked `ray`, so
+    `-m "not ray"` really runs without Ray."""
+    unmarked = [item.nodeid for item in items
+                if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests use Ray without @pytest.mark.ray: {unmarked}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,8 @@ import pytest
 from common.manifests import JobStatusRecord, StageRecord
 from common.storage import RunStore
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parents[2]
 # A short gmm run: two experts of 2 x 2 points on two islands, checkpoints every few steps.
 SMALL = ["data.gmm_items=1024", "data.gmm_components=2", "clustering.num_experts=2",

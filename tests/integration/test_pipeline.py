@@ -15,6 +15,8 @@ from common.storage import RunStore
 from orchestrator.cli import main
 from orchestrator.pipeline import run_pipeline
 
+pytestmark = pytest.mark.ray
+
 TINY = ["data.gmm_items=1024", "data.gmm_components=2", "clustering.num_experts=2",
         "clustering.num_fine_centroids=16", "training.global_batch=128", "training.duration_nimg=2560",
         "training.checkpoint_every_nimg=1280", "training.log_every_nimg=640",

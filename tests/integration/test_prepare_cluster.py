@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import uuid
 
@@ -70,6 +72,7 @@ def test_messy_folder_source_on_s3(s3_endpoint, tmp_path):
     assert result.counts["used"] == len(GOOD) and result.counts["quarantined"] == len(BAD)
 
 
+@pytest.mark.ray
 def test_prepare_encodes_on_ray_actors(ray_session, tmp_path):
     from sklearn.datasets import load_digits
 

@@ -114,6 +114,7 @@ def checkout(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ddm_submit_runs_the_command_as_a_ray_job_and_follows_its_logs(ray_head, checkout):
     from ray.job_submission import JobSubmissionClient
@@ -141,6 +142,7 @@ def test_ddm_submit_runs_the_command_as_a_ray_job_and_follows_its_logs(ray_head,
     print(f"ddm submit round trip: {took:.1f} s")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_submit_api_reports_a_failed_job_and_never_uploads_runs(ray_head, checkout):
     # submit() in a fresh process, the address from RAY_ADDRESS. runs/islands.yaml exists locally,
@@ -156,6 +158,7 @@ def test_submit_api_reports_a_failed_job_and_never_uploads_runs(ray_head, checko
     assert "submitted job raysubmit_" in out
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_wrong_token_is_one_clear_line(ray_head):
     result = _ddm("submit", "--address", ray_head, "--", "config", "show", RAY_AUTH_TOKEN="0" * 64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 from PIL import Image
 
@@ -12,6 +14,8 @@ from orchestrator.cli import main
 from orchestrator.pipeline import run_pipeline
 from worker.encoders import ClipText
 from worker.ensemble import Ensemble
+
+pytestmark = pytest.mark.ray
 
 
 def test_text_conditional_run_samples_from_a_prompt(ray_session, tiny_models, tmp_path, capsys) -> None:
