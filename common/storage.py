@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from common.config import StorageConfig
 from common.manifests import FileRef, ManifestError, check_relative_path
+from common.transient import is_transient, not_implemented
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,15 +46,19 @@ class ScopeError(DDMError, PermissionError):
     """Access to a key outside a scoped view's prefixes."""
 
 
+class StoreUnavailable(DDMError, ConnectionError):
+    """Transient errors that outlasted `storage.retry_deadline_s`; a rerun resumes."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                        PermissionError, ScopeError, IntegrityError)):
-        return False
-    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or "Throttl" in type(exc).__name__
+    return is_transient(exc, (ScopeError, IntegrityError, StoreUnavailable))
+
+
+_MEMORY_LOCK = threading.Lock()
 
 
 def normalize_url(url: str) -> str:
@@ -108,18 +114,27 @@ class RunStore:
         return "/" + root.lstrip("/") if self.protocol == "memory" else root
 
     def _retry(self, what: str, key: str, fn: Callable[[], T]) -> T:
-        delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+        """Retry transient errors with doubling backoff until `retries` or `retry_deadline_s` runs out."""
+        delay, start, attempt = self.config.backoff_s, time.monotonic(), 0
+        while True:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not transient
-                if not _is_transient(exc) or attempt == self.config.retries:
+                if not _is_transient(exc):
                     raise
+                elapsed = time.monotonic() - start
+                if attempt >= self.config.retries or elapsed + delay > self.config.retry_deadline_s:
+                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                    raise StoreUnavailable(
+                        f"storage {self.url}: {what} {key or '/'} kept failing for {elapsed:.0f}s "
+                        f"({type(exc).__name__}: {reason}); gave up after {attempt} retries "
+                        f"(storage.retries = {self.config.retries}, storage.retry_deadline_s = "
+                        f"{self.config.retry_deadline_s:g}); rerun the same command to resume") from exc
+                attempt += 1
                 log.warning("%s %s: transient %s, retry %d/%d in %.1fs", what, key, type(exc).__name__,
-                            attempt + 1, self.config.retries, delay)
+                            attempt, self.config.retries, delay)
                 time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+                delay = min(delay * 2, self.config.backoff_max_s)
 
     # ---- raw access (used by records and by the view checks) --------------------------------------
     def read_bytes(self, key: str) -> bytes:
@@ -157,6 +172,74 @@ class RunStore:
             return
         old = self.read_bytes(key) if self.exists(key) else b""
         self.write_bytes(key, old + text.encode())
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; True if this call created it.
+
+        file:// links a fully written temp file into place (link fails if the target exists: O_EXCL
+        semantics, and no reader ever sees a partial file). s3:// sends `If-None-Match: *`; an endpoint
+        that answers 501/NotImplemented falls back to check, put, read back (not atomic: two creators
+        within one round trip can both succeed; the lease's heartbeat check then stops the loser).
+        On a retried request, reading back our own bytes counts as success.
+        """
+        path = self._path(key)
+        if self.protocol == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.protocol == "memory":  # one process owns a memory:// filesystem
+            with _MEMORY_LOCK:
+                if self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data)
+                return True
+        try:
+            if self.protocol != "s3":
+                raise NotImplementedError(self.protocol)
+            self._retry("create", key, lambda: self.fs.pipe_file(path, data, mode="create"))
+            return True
+        except FileExistsError:
+            return self._owned(key, data)
+        except (NotImplementedError, OSError) as exc:
+            if not isinstance(exc, NotImplementedError) and not not_implemented(exc):
+                raise
+            log.warning("%s: the endpoint refuses conditional writes; creating %s by check, put, read back",
+                        self.url, key)
+            if self.exists(key):
+                return self._owned(key, data)
+            self.write_bytes(key, data)
+            return self._owned(key, data)
+
+    def _owned(self, key: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(key) == data
+        except FileNotFoundError:
+            return False
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size of every key under `prefix` (one listing; no reads), relative to the run root."""
+        base = self._path(prefix.rstrip("/")) if prefix else self._root
+        try:
+            found = self._retry("list", prefix, lambda: self.fs.find(base, detail=True))
+        except FileNotFoundError:
+            return {}
+        cut = len(self._root) + 1
+        out = {}
+        for item, info in found.items():
+            name = ("/" + item.lstrip("/") if self.protocol == "memory" else item)[cut:]
+            if ".tmp-" not in name and info.get("type", "file") != "directory":
+                out[name] = int(info.get("size") or 0)
+        return out
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
@@ -266,6 +349,14 @@ class ScopedStore(RunStore):
     def exists(self, key: str) -> bool:
         self._check(key, write=False)
         return super().exists(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        self._check(key, write=True)
+        return super().create_exclusive(key, data)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        self._check(prefix.rstrip("/") + "/", write=False)
+        return super().sizes(prefix)
 
     def list(self, prefix: str = "") -> list[str]:
         self._check(prefix.rstrip("/") + "/", write=False)
