@@ -226,8 +226,8 @@ class RunStore:
         except FileNotFoundError:
             return False
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
-        """Size of every key under `prefix` (one listing; no reads), relative to the run root."""
+    def info_all(self, prefix: str = "") -> dict[str, dict]:
+        """The filesystem's info (size, ETag or mtime) of every key under `prefix`, in one listing."""
         base = self._path(prefix.rstrip("/")) if prefix else self._root
         try:
             found = self._retry("list", prefix, lambda: self.fs.find(base, detail=True))
@@ -237,9 +237,29 @@ class RunStore:
         out = {}
         for item, info in found.items():
             name = ("/" + item.lstrip("/") if self.protocol == "memory" else item)[cut:]
-            if ".tmp-" not in name and info.get("type", "file") != "directory":
-                out[name] = int(info.get("size") or 0)
+            if name and ".tmp-" not in name and info.get("type", "file") != "directory":
+                out[name] = info
         return out
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size of every key under `prefix` (one listing, no reads), relative to the run root."""
+        return {key: int(info.get("size") or 0) for key, info in self.info_all(prefix).items()}
+
+    def is_file(self) -> bool:
+        """Whether the root itself is a file (a source given as one tar shard)."""
+        return bool(self._retry("isfile", "", lambda: self.fs.isfile(self._root)))
+
+    def top_level(self) -> list[str]:
+        """Names directly under the root."""
+        try:
+            found = self._retry("ls", "", lambda: self.fs.ls(self._root, detail=False))
+        except FileNotFoundError:
+            return []
+        return sorted(str(item).rstrip("/").rsplit("/", 1)[-1] for item in found)
+
+    def open_read(self, key: str):
+        """A binary file object for streaming reads (hashing large files)."""
+        return self.fs.open(self._path(key), "rb")
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
@@ -354,9 +374,9 @@ class ScopedStore(RunStore):
         self._check(key, write=True)
         return super().create_exclusive(key, data)
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
+    def info_all(self, prefix: str = "") -> dict[str, dict]:
         self._check(prefix.rstrip("/") + "/", write=False)
-        return super().sizes(prefix)
+        return super().info_all(prefix)
 
     def list(self, prefix: str = "") -> list[str]:
         self._check(prefix.rstrip("/") + "/", write=False)

@@ -1,4 +1,4 @@
-"""`ddm run` and `ddm status`."""
+"""`ddm run`, `ddm status` and `ddm verify`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 
 from common.config import resolve_config
 from common.storage import RunStore
+from common.errors import UsageError
 from orchestrator.cli import COMMANDS, add_config_args
 from orchestrator.stages import STAGES
 
@@ -20,7 +21,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from orchestrator.pipeline import run_pipeline
 
-    summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet)
+    summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet,
+                           redo=args.redo)
     print(f"\nrun {config.name} finished in {summary.wall_s:.1f}s; run store: {summary.run_uri}")
     for name, info in summary.stages.items():
         state = "skipped (committed)" if info["skipped"] else f"{info['duration_s']:.1f}s"
@@ -46,6 +48,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Full sha256 of every payload a record lists; exit 1 when anything is damaged."""
+    from orchestrator.verify import format_findings, verify
+
+    store = RunStore(args.run)
+    if not store.exists("run.json"):
+        raise UsageError(f"{store.url}: no run.json (not a DDM run store)")
+    findings = verify(store, full=True)
+    if args.json:
+        print(json.dumps([{"key": f.key, "owner": f.owner, "size": f.size, "ok": f.ok, "problem": f.problem}
+                          for f in findings], indent=2))
+    else:
+        print(format_findings(findings, show_ok=not args.damaged_only))
+    return 0 if all(f.ok for f in findings) else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the whole pipeline (default: the embedded digits demo)")
     add_config_args(run)
@@ -53,11 +71,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--until", default="gather", choices=STAGES, help="stop after this stage")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--redo", choices=STAGES, help="redo this committed stage and every later one (removes "
+                     "their outputs); needed when a committed stage's inputs changed")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="stages and per-job progress, from the run store alone")
     status.add_argument("run", help="run store URI or path")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    verify = sub.add_parser("verify", help="check every committed payload's sha256; a per-key report")
+    verify.add_argument("run", help="run store URI or path")
+    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--damaged-only", action="store_true", help="print only the damaged keys")
+    verify.set_defaults(func=cmd_verify)
 
 
 COMMANDS.append(register)

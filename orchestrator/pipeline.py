@@ -7,8 +7,6 @@ custom resources, so the same scheduling path runs as on a cluster.
 
 from __future__ import annotations
 
-from common.errors import UsageError
-
 import io
 import logging
 import os
@@ -17,12 +15,14 @@ from dataclasses import dataclass, field
 import ray
 
 from common.config import RunConfig
-from common.manifests import StageResult
+from common.errors import UsageError
+from common.manifests import RunRecord, StageResult
 from common.storage import RunStore
 from orchestrator.islands import local_node_resources
+from orchestrator.lease import LEASE_KEY, RunLease
 from orchestrator.progress import ProgressView
 from orchestrator.ray_group import RayWorkerGroup
-from orchestrator.stages import STAGES, StageRunner
+from orchestrator.stages import STAGES, StageDamaged, StageRunner, code_version, now_iso
 from orchestrator.train_stage import job_scope, run_train_stage
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,66 @@ def connect_ray(config: RunConfig, address: str | None) -> tuple[bool, str | Non
     return True, context.dashboard_url
 
 
+class NotARunStore(UsageError):
+    """`--run` names a location that holds something other than a run store."""
+
+
+def open_run_store(config: RunConfig) -> RunStore:
+    """The run store at `config.run_uri`, created by writing its marker (run.json) first.
+
+    Refuses an empty run_uri, and a non-empty location without run.json: a run never writes into (or
+    clears) a folder it did not create.
+    """
+    if not config.run_uri.strip():
+        raise UsageError("run_uri is empty: name the run store with --run DIR (a new location or an existing run)")
+    store = RunStore(config.run_uri, config.storage)
+    if store.exists("run.json"):
+        store.read_record("run.json", RunRecord)  # a malformed marker is a one-line ManifestError
+        return store
+    foreign = [name for name in store.top_level() if name != LEASE_KEY]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise NotARunStore(f"{store.url}: not a DDM run store (no run.json) and not empty ({shown}); "
+                           f"choose a new or empty location with --run")
+    marker = RunRecord(name=config.name, config=config.model_dump(mode="json"),
+                       config_fingerprint=config.fingerprint(), code_version=code_version(), created_at=now_iso())
+    store.create_exclusive("run.json", marker.model_dump_json(indent=2).encode())  # lost race: the other's marker
+    return store
+
+
 def run_pipeline(config: RunConfig, until: str = "gather", address: str | None = None,
-                 show_progress: bool = True) -> RunSummary:
+                 show_progress: bool = True, redo: str | None = None) -> RunSummary:
+    """Run the stages up to `until` under the run store's lease; `redo` names the one stage whose
+    committed outputs (and later stages') may be removed and rebuilt."""
     if until not in STAGES:
         raise UsageError(f"until = {until!r}: expected one of {', '.join(STAGES)}")
+    if redo is not None and (redo not in STAGES or STAGES.index(redo) > STAGES.index(until)):
+        raise UsageError(f"--redo {redo}: expected one of {', '.join(STAGES[:STAGES.index(until) + 1])} "
+                         f"(a stage this run reaches)")
     t0 = time.perf_counter()
-    store = RunStore(config.run_uri, config.storage)
-    runner = StageRunner(store, config)
+    store = open_run_store(config)
+    with RunLease(store, config.storage.lease_ttl_s) as lease:
+        return _drive(config, store, lease, until, address, show_progress, redo, t0)
+
+
+def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, address: str | None,
+           show_progress: bool, redo: str | None, t0: float) -> RunSummary:
+    from worker.listing import is_builtin, list_source, read_committed_listing
+
+    previous = None if is_builtin(config.data) else read_committed_listing(store, config.data)
+    listing = list_source(config.data, config.storage, previous)  # missing/empty source: one line, nothing touched
+    runner = StageRunner(store, config, None if is_builtin(config.data) else listing.fingerprint(), redo=redo,
+                         source_changes=listing.changes_since(previous) if previous else "")
+    runner.check()  # a changed committed stage stops here, before anything is written
+    check_committed_outputs(runner, until)
     runner.write_run_record()
     summary = RunSummary(run_uri=store.url)
     view = ProgressView(enabled=show_progress)
     ray_mode: dict[str, bool] = {}  # Ray starts only when a stage that uses it has work to do
 
     def stage(name: str, fn, uses_ray: bool) -> None:
-        if uses_ray and not ray_mode and runner.committed(name) is None:
+        lease.check()
+        if uses_ray and not ray_mode and (runner.committed(name) is None or runner.redo == name):
             ray_mode["local"], summary.dashboard_url = connect_ray(config, address)
             if summary.dashboard_url:
                 view.note(f"Ray dashboard: http://{summary.dashboard_url}")
@@ -79,9 +125,8 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
         view.stage_done(name, outcome.skipped, outcome.record.duration_s, outcome.record.counts)
 
     from worker.partition import cluster_data
-    from worker.prepare import prepare_data
 
-    stage("prepare", lambda: prepare_data(config, store), uses_ray=True)  # parallel encoding
+    stage("prepare", lambda: prepare_and_list(config, store, listing), uses_ray=True)  # parallel encoding
     if until != "prepare":
         stage("cluster", lambda: cluster_data(config, store), uses_ray=False)
     if until in ("train", "gather"):
@@ -93,18 +138,82 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
 
         partial = runner.committed("train")
         if partial is not None and partial.details.get("missing"):
-            runner.invalidate_from("train")  # retry the experts that failed; finished ones keep their exports
+            runner.invalidate_from("train", force=True)  # retry the failed experts; finished ones keep their exports
+        elif partial is not None and not runner.redoes("train"):
+            repair_exports(runner)
         if ray.is_initialized():
             warn_unplaceable_islands(config)
+
+        def tick() -> None:
+            lease.check()
+            view.refresh()
+
         stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
-                                               listener=view.job_changed, on_tick=view.refresh), uses_ray=True)
+                                               listener=view.job_changed, on_tick=tick,
+                                               inputs=runner.inputs["train"]), uses_ray=True)
     if until == "gather":
+        if runner.committed("gather") is not None and not runner.redoes("gather") and not gather_intact(store, config):
+            log.warning("ensemble.json or its preview is missing or damaged; gathering again")
+            runner.invalidate_from("gather", force=True)
         stage("gather", lambda: gather_and_preview(config, store, runner), uses_ray=False)
         summary.outputs = {"ensemble": f"{store.url}/ensemble.json",
                            "samples": f"{store.url}/{preview_key(config)}"}
     summary.wall_s = time.perf_counter() - t0
     view.close()
     return summary
+
+
+def prepare_and_list(config: RunConfig, store: RunStore, listing) -> StageResult:
+    """The prepare stage, then its source listing committed beside the dataset (data/listing.jsonl)."""
+    from worker.listing import commit_listing, is_builtin
+    from worker.prepare import prepare_data
+
+    result = prepare_data(config, store)
+    if not is_builtin(config.data):
+        ref = commit_listing(store, listing)
+        result = result.model_copy(update={
+            "outputs": [*result.outputs, ref],
+            "details": {**result.details, "source_listing": {"fingerprint": listing.fingerprint(),
+                                                             "items": len(listing.items)}}})
+    return result
+
+
+def check_committed_outputs(runner: StageRunner, until: str) -> None:
+    """Committed data and clusters must still be there (one listing, sizes): redoing them would redo
+    every later stage, so damage there stops the run with one line instead of a silent rebuild."""
+    sizes: dict[str, int] | None = None
+    for name in ("prepare", "cluster")[: 1 if until == "prepare" else 2]:
+        record = runner.committed(name)
+        if record is None or runner.redoes(name):
+            continue
+        sizes = runner.store.sizes() if sizes is None else sizes
+        bad = [ref.path for ref in record.outputs if sizes.get(ref.path) != ref.size]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+            raise StageDamaged(f"stage {name}: committed outputs missing or resized: {shown}. Nothing was deleted. "
+                               f"`ddm verify {runner.store.url}` lists every damaged key; `ddm run --redo {name}` "
+                               f"rebuilds them (and redoes every later stage)")
+
+
+def repair_exports(runner: StageRunner) -> None:
+    """A committed train stage whose exports fail verification is redone for those jobs only: each
+    re-exports from its last good checkpoint (or retrains if it has none); gather follows."""
+    from orchestrator.verify import damaged_exports, drop_export
+
+    damaged = damaged_exports(runner.store)
+    if not damaged:
+        return
+    for prefix, reason in damaged.items():
+        log.warning("%s: export fails verification (%s); re-exporting it from its last good checkpoint",
+                    prefix, reason)
+        drop_export(runner.store, prefix)
+    runner.invalidate_from("train", force=True)
+
+
+def gather_intact(store: RunStore, config: RunConfig) -> bool:
+    from orchestrator.verify import ensemble_problems
+
+    return not ensemble_problems(store) and store.exists(preview_key(config))
 
 
 def preview_key(config: RunConfig) -> str:

@@ -8,8 +8,9 @@ from common.errors import UsageError
 
 from datetime import datetime, timezone
 
-from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, RunRecord
+from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, ManifestError, RunRecord, StageRecord
 from common.storage import RunStore
+from orchestrator.lease import read_lease
 from orchestrator.stages import STAGES, stage_summary
 
 
@@ -36,10 +37,15 @@ def collect_status(store: RunStore) -> dict:
     if run is None:
         raise UsageError(f"{store.url}: no run.json (not a DDM run store)")
     stages = stage_summary(store)
+    sizes = store.sizes()  # one listing: what is reported as done must exist, with its recorded sizes
     jobs = []
     for prefix in _jobs(store):
         status = store.read_record(status_key(prefix), JobStatusRecord)
-        export = store.read_record(export_key(prefix), ExportRecord)
+        try:
+            export = store.read_record(export_key(prefix), ExportRecord)
+            export_problem = _size_problems(sizes, [export.weights, export.model_config_file]) if export else []
+        except ManifestError as exc:
+            export, export_problem = None, [str(exc)]
         ckpt = last_checkpoint(store, prefix)
         entry = {"prefix": prefix, "state": status.state if status else ("succeeded" if export else "not started"),
                  "island": status.island if status else None, "attempts": status.attempts if status else 0,
@@ -49,10 +55,15 @@ def collect_status(store: RunStore) -> dict:
                  # A committed export carries the final loss; the live status only the last one polled.
                  "loss": export.final_metrics.get("loss") if export else (status.loss if status else None),
                  "eta_s": status.eta_s if status else None,
-                 "last_checkpoint_nimg": ckpt.nimg if ckpt else None, "exported": export is not None,
+                 "last_checkpoint_nimg": ckpt.nimg if ckpt else None,
+                 "exported": export is not None and not export_problem, "damaged": export_problem,
                  "last_error": status.last_error if status else None,
                  "updated_at": status.updated_at if status else None}
-        if entry["state"] == "succeeded":
+        if export_problem:
+            entry["state"] = "damaged"
+            entry["last_error"] = (f"export damaged: {'; '.join(export_problem[:2])}; rerun `ddm run` to "
+                                   f"re-export it from its last good checkpoint")
+        elif entry["state"] == "succeeded":
             entry["eta_s"] = 0.0
         elif status is not None and entry["state"] in ("running", "pending") and not export:
             # A live controller rewrites status.json every few seconds; silence means it is gone.
@@ -62,9 +73,24 @@ def collect_status(store: RunStore) -> dict:
                 entry["last_error"] = (f"no update for {quiet_s:.0f}s (driver gone?); rerun `ddm run` to resume "
                                        f"from the last checkpoint")
         jobs.append(entry)
+    from orchestrator.verify import ensemble_problems
+
+    stage_view = {}
+    for name in STAGES:
+        if name not in stages:
+            stage_view[name] = {"done": False}
+            continue
+        outputs = StageRecord.model_validate(stages[name]).outputs
+        stage_view[name] = {"done": True, **stages[name], "damaged": _size_problems(sizes, outputs)}
+    ensemble = ensemble_problems(store, sizes) if store.exists("ensemble.json") else None
     return {"run": store.url, "name": run.name, "code_version": run.code_version, "created_at": run.created_at,
-            "stages": {s: ({"done": True, **stages[s]} if s in stages else {"done": False}) for s in STAGES},
-            "jobs": jobs, "ensemble": store.exists("ensemble.json")}
+            "stages": stage_view, "jobs": jobs, "ensemble": ensemble == [],
+            "ensemble_damaged": ensemble or [], "driver": read_lease(store)}
+
+
+def _size_problems(sizes: dict[str, int], refs) -> list[str]:
+    return [f"{ref.path} {'missing' if ref.path not in sizes else f'is {sizes[ref.path]} B, recorded {ref.size} B'}"
+            for ref in refs if sizes.get(ref.path) != ref.size]
 
 
 def format_status(status: dict) -> str:
@@ -74,6 +100,8 @@ def format_status(status: dict) -> str:
         if stage["done"]:
             counts = ", ".join(f"{k}={v}" for k, v in stage.get("counts", {}).items())
             lines.append(f"  {name:<8} done     {stage['duration_s']:>8.1f}s  {counts}")
+            if stage.get("damaged"):
+                lines.append(f"      DAMAGED: {'; '.join(stage['damaged'][:3])} (ddm verify {status['run']})")
         else:
             lines.append(f"  {name:<8} pending")
     if status["jobs"]:
@@ -90,5 +118,12 @@ def format_status(status: dict) -> str:
                          f"{ckpt:>9} {job['retries']:>7} {eta:>7}")
             if job["last_error"] and job["state"] != "succeeded":
                 lines.append(f"      last error: {job['last_error']}")
-    lines.append(f"ensemble: {'gathered' if status['ensemble'] else 'not yet'}")
+    if status["ensemble_damaged"]:
+        lines.append(f"ensemble: DAMAGED ({'; '.join(status['ensemble_damaged'][:3])}); rerun `ddm run` to repair")
+    else:
+        lines.append(f"ensemble: {'gathered' if status['ensemble'] else 'not yet'}")
+    if status.get("driver"):
+        d = status["driver"]
+        lines.append(f"driver: {d.get('host')} pid {d.get('pid')}, heartbeat {d.get('heartbeat_at')}, "
+                     f"lease expires {d.get('expires_at')}")
     return "\n".join(lines)

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from common.errors import DDMError
-
+import json
 import logging
 import time
 from typing import Callable
 
 from common.config import RunConfig
+from common.errors import DDMError
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
 from common.keys import ROUTER, expert_index, export_key, job_prefix, status_key
 from orchestrator.islands import place_jobs
-from orchestrator.stages import now_iso
+from orchestrator.stages import StageChanged, now_iso, read_stamp
 
 log = logging.getLogger(__name__)
-# What a job writes; cleared when a job's inputs changed since its outputs were made.
-JOB_OUTPUTS = ("checkpoints", "export", "export.json", "metrics.jsonl", "samples", "status.json", "job.json")
 
 
 class TrainFailed(DDMError, RuntimeError):
@@ -44,17 +42,23 @@ def build_jobs(config: RunConfig) -> dict:
     return jobs
 
 
-def reconcile_outputs(store: RunStore, names: list[str], fingerprint: str) -> set[str]:
-    """Clear outputs made from other inputs; return the jobs whose export is already committed."""
+def reconcile_outputs(store: RunStore, names: list[str], fingerprint: str, inputs: dict | None = None) -> set[str]:
+    """Stamp each job with the inputs its outputs are made from; return the jobs whose export is committed.
+
+    Never deletes: a job stamped with other inputs stops the stage (the runner's check normally stops
+    the run before; `--redo train` removes the old outputs first).
+    """
     done = set()
     for name in names:
         prefix = job_prefix(name)
-        stamp = store.read_bytes(f"{prefix}/job.json").decode() if store.exists(f"{prefix}/job.json") else None
-        if stamp != fingerprint:
-            for item in JOB_OUTPUTS:
-                store.delete(f"{prefix}/{item}")
-            store.write_bytes(f"{prefix}/job.json", fingerprint.encode())
-        elif store.read_record(export_key(prefix), ExportRecord) is not None:
+        stamp = read_stamp(store.read_bytes(f"{prefix}/job.json")) if store.exists(f"{prefix}/job.json") else None
+        if stamp is None:
+            stamp_raw = json.dumps({"fingerprint": fingerprint, "inputs": inputs or {}}, sort_keys=True, indent=1)
+            store.write_bytes(f"{prefix}/job.json", stamp_raw.encode())
+        elif stamp.get("fingerprint") != fingerprint:
+            raise StageChanged(f"{prefix} holds training outputs made with other inputs. Nothing was deleted. "
+                               f"Start a new run (--run elsewhere), or `ddm run --redo train`")
+        if store.read_record(export_key(prefix), ExportRecord) is not None:
             done.add(name)
     return done
 
@@ -96,10 +100,10 @@ class StatusWriter:
 def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
                     make_group: Callable[[dict], WorkerGroup],
                     listener: Callable[[JobState], None] | None = None,
-                    on_tick: Callable[[], None] | None = None) -> StageResult:
+                    on_tick: Callable[[], None] | None = None, inputs: dict | None = None) -> StageResult:
     jobs = build_jobs(config)
     placements = place_jobs(config)
-    done = reconcile_outputs(store, list(jobs), fingerprint)
+    done = reconcile_outputs(store, list(jobs), fingerprint, inputs)
     capacity = {i.name: i.concurrency for i in config.islands.pool}
     status = StatusWriter(store, jobs, fingerprint, listener=listener)
     group = make_group(jobs)

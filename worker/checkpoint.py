@@ -4,7 +4,9 @@ Resumable state  <prefix>/checkpoints/<nimg:012d>-<token>/{model,ema,optimizer,s
                  committed by <prefix>/checkpoints/<nimg:012d>.json (CheckpointRecord) written last.
 Export           <prefix>/export/<token>/{config.json, diffusion_pytorch_model.safetensors},
                  committed by <prefix>/export.json (ExportRecord) written last.
-A file set whose record never got written (a killed process, a torn write) is never loaded.
+A file set whose record never got written (a killed process, a torn write) is never loaded. A committed
+checkpoint that fails verification on load is recorded as `<prefix>/checkpoints/<nimg:012d>.bad` and
+skipped: the job resumes from the newest good one, and pruning always keeps the newest good one.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.manifests import CheckpointRecord, ExportRecord, FileRef
-from common.storage import RunStore
+from common.manifests import CheckpointRecord, ExportRecord, FileRef, ManifestError
+from common.storage import IntegrityError, RunStore
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"/checkpoints/(\d{12})\.json$")
 WEIGHTS_NAME, CONFIG_NAME = "diffusion_pytorch_model.safetensors", "config.json"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.safetensors")
 
 
 def _now() -> str:
@@ -76,38 +80,90 @@ def save_checkpoint(store: RunStore, prefix: str, job: str, nimg: int, step: int
     return record
 
 
+def _bad_key(record_key: str) -> str:
+    return record_key[:-len(".json")] + ".bad"
+
+
+def mark_bad(store: RunStore, record_key: str, reason: str) -> None:
+    """Record that a committed checkpoint failed to load; it is skipped from now on (kept as evidence)."""
+    log.warning("%s: checkpoint unusable (%s); falling back to the previous one", record_key, reason)
+    store.write_bytes(_bad_key(record_key), json.dumps({"reason": reason, "at": _now()}).encode())
+
+
+def _read_ok(store: RunStore, key: str) -> CheckpointRecord | None:
+    """The record at `key`, or None when it is unreadable (torn, altered) or marked bad."""
+    if store.exists(_bad_key(key)):
+        return None
+    try:
+        return store.read_record(key, CheckpointRecord)
+    except ManifestError as exc:
+        mark_bad(store, key, str(exc))
+        return None
+
+
 def _prune(store: RunStore, prefix: str, keep: int) -> None:
-    """Keep the newest `keep` records; delete a record before its files, and drop uncommitted folders."""
+    """Keep the newest `keep` records and, always, the newest good one; delete a record before its
+    files, and drop folders no record lists (a torn checkpoint of a killed earlier attempt)."""
     records = checkpoint_records(store, prefix)
-    for key in records[:-keep]:
-        rec = store.read_record(key, CheckpointRecord)
+    good = [key for key in records if _read_ok(store, key) is not None]
+    kept = set(records[-keep:]) | set(good[-1:])
+    for key in records:
+        if key in kept:
+            continue
+        rec = _read_ok(store, key)
         store.delete(key)
+        store.delete(_bad_key(key))
         for folder in {f.path.rsplit("/", 1)[0] for f in rec.files} if rec else ():
             store.delete(folder)
-    live = {f.path.rsplit("/", 1)[0] for key in records[-keep:] for f in store.read_record(key, CheckpointRecord).files}
+    live = {f.path.rsplit("/", 1)[0] for key in kept if (rec := _read_ok(store, key)) for f in rec.files}
+    kept_nimg = {key.rsplit("/", 1)[1][:12] for key in kept}  # a bad record's files stay as evidence
     for key in store.list(f"{prefix}/checkpoints"):
         folder = key.rsplit("/", 1)[0]
-        if key.endswith(".safetensors") and folder not in live:
-            store.delete(folder)  # a torn checkpoint of a killed earlier attempt
+        if key.endswith(".safetensors") and folder not in live and folder.rsplit("/", 1)[1][:12] not in kept_nimg:
+            store.delete(folder)
 
 
 def latest_checkpoint(store: RunStore, prefix: str) -> CheckpointRecord | None:
-    records = checkpoint_records(store, prefix)
-    return store.read_record(records[-1], CheckpointRecord) if records else None
+    """The newest committed checkpoint not recorded as bad."""
+    for key in reversed(checkpoint_records(store, prefix)):
+        record = _read_ok(store, key)
+        if record is not None:
+            return record
+    return None
 
 
 def load_checkpoint(store: RunStore, record: CheckpointRecord, model: nn.Module, ema: nn.Module,
                     opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """Restore model, EMA and optimizer in place (checksums verified); returns (nimg, step)."""
+    """Restore model, EMA and optimizer in place (checksums verified); returns (nimg, step).
+    Every file is read and verified before anything changes, so a damaged checkpoint leaves the
+    modules as they were."""
     files = {Path(f.path).name: f for f in record.files}
-    model.load_state_dict(st_load(store.get_payload(files["model.safetensors"])))
-    ema.load_state_dict(st_load(store.get_payload(files["ema.safetensors"])))
-    _load_optimizer(opt, store.get_payload(files["optimizer.safetensors"]))
-    state = st_load(store.get_payload(files["state.safetensors"]))
+    data = {name: store.get_payload(files[name]) for name in CHECKPOINT_FILES}
+    model_sd, ema_sd, state = (st_load(data[n]) for n in ("model.safetensors", "ema.safetensors", "state.safetensors"))
+    model.load_state_dict(model_sd)
+    ema.load_state_dict(ema_sd)
+    _load_optimizer(opt, data["optimizer.safetensors"])
     torch.set_rng_state(state["rng.cpu"])
     if "rng.cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng.cuda"])
     return int(state["nimg"][0]), int(state["step"][0])
+
+
+def resume_latest_good(store: RunStore, prefix: str, model: nn.Module, ema: nn.Module,
+                       opt: torch.optim.Optimizer) -> tuple[CheckpointRecord, int, int] | None:
+    """Load the newest checkpoint that verifies; a damaged one is recorded (`<nimg>.bad`) and skipped.
+    Returns (record, nimg, step), or None when no good checkpoint exists (train from scratch)."""
+    for key in reversed(checkpoint_records(store, prefix)):
+        record = _read_ok(store, key)
+        if record is None:
+            continue
+        try:
+            nimg, step = load_checkpoint(store, record, model, ema, opt)
+        except (IntegrityError, FileNotFoundError, KeyError, SafetensorError) as exc:
+            mark_bad(store, key, f"{type(exc).__name__}: {exc}")
+            continue
+        return record, nimg, step
+    return None
 
 
 def save_export(store: RunStore, prefix: str, job: str, kind: str, nimg: int, ema: nn.Module,

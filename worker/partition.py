@@ -42,7 +42,6 @@ from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, prepare, resolve_device
 
 log = logging.getLogger(__name__)
-CLUSTER_SECTIONS = ("seed", "clustering")
 GRID_THUMBS = 64
 PARTITION_TENSORS = ("latents", "labels", "index", "text_pooled", "text_tokens")
 

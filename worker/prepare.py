@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,22 +39,8 @@ from worker.encoders import Encoders, vae_config, vae_scale
 from worker.sources import Item, discover, read_item
 
 log = logging.getLogger(__name__)
-PREPARE_SECTIONS = ("seed", "data", "features", "latents", "text")  # what changes the output
 THUMB_SIZE = 32
 PCA_FIT_ROWS = 8192
-
-
-def prepare_fingerprint(config: RunConfig) -> str:
-    """The stage's input fingerprint: the config sections above plus, for file sources, the listing
-    (path, size, etag/mtime) of the source, so added or replaced files redo the stage."""
-    h = hashlib.sha256(config.fingerprint(*PREPARE_SECTIONS).encode())
-    if not config.data.source.startswith("builtin:"):
-        fs, root = fsspec.core.url_to_fs(config.data.source)
-        listing = fs.find(root, detail=True) if fs.exists(root) else {}
-        for path in sorted(listing):
-            info = listing[path]
-            h.update(f"{path}\0{info.get('size')}\0{info.get('ETag', info.get('mtime', ''))}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from common.config import IslandConfig, ModelConfig, RunConfig, TrainingConfig
 from common.manifests import ExpertManifest, ExportRecord, RouterManifest
 from common.storage import RunStore, ScopedStore, open_store
-from worker.checkpoint import latest_checkpoint, load_checkpoint, load_export, save_checkpoint, save_export
+from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export
 from worker.data import DataOrder, TrainData, load_partition, mix_seed, prefetch, worker_positions
 from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
 from worker.metrics import matmul_tflops, report_progress
@@ -132,9 +132,9 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel, not one per tensor
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
-    nimg, step, ckpt = 0, 0, latest_checkpoint(store, job.prefix)
-    if ckpt is not None:
-        nimg, step = load_checkpoint(store, ckpt, model, ema, opt)
+    nimg, step, resumed = 0, 0, resume_latest_good(store, job.prefix, model, ema, opt)  # skips damaged ones
+    if resumed is not None:
+        _, nimg, step = resumed
         log.info("%s: resumed from %d images (step %d)", job.name, nimg, step)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model

@@ -1,0 +1,139 @@
+"""The content listing of a data source: what prepare may read, identified by content, never by time.
+
+    listing = list_source(config.data, config.storage, previous=None)   # SourceListing
+    listing.items          # [ListedItem(key, size, etag, mtime)], sorted by key
+    listing.fingerprint()  # sha256 over (key, size, etag) of every item: the source's identity
+
+Per item: `key` relative to the source root, `size`, and `etag`: the object store's ETag (s3://, gcs://),
+or `sha256:<hex>` of the bytes for local and in-memory files. A local file is re-hashed only when its
+size or mtime differs from `previous` (the listing committed at prepare), so touching or copying files
+without their times costs one hash each but never changes the identity. Only files prepare can read
+are listed (images, tar shards, caption sidecars when `data.captions`, the labels file), so a README or
+notes.txt beside the data changes nothing. A missing source, or one with nothing to read, raises
+SourceError (one line); built-in sources have an empty listing (their config is their identity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from common.config import DataConfig, StorageConfig
+from common.storage import RunStore
+from worker.decode import IMAGE_EXTENSIONS
+from worker.sources import SourceError
+
+LISTING_KEY = "data/listing.jsonl"  # committed by the prepare stage, listed in its record
+HASH_CHUNK = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class ListedItem:
+    key: str                    # relative to the source root, POSIX
+    size: int
+    etag: str                   # object-store ETag, or "sha256:<hex>"
+    mtime: float | None = None  # local files: a hint for re-hashing, not part of the identity
+
+
+@dataclass
+class SourceListing:
+    source: str
+    items: list[ListedItem] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(f"{item.key}\0{item.size}\0{item.etag}\n".encode())
+        return h.hexdigest()
+
+    def to_jsonl(self) -> bytes:
+        return "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in self.items).encode()
+
+    @classmethod
+    def from_jsonl(cls, source: str, raw: bytes) -> "SourceListing":
+        return cls(source, [ListedItem(**json.loads(line)) for line in raw.decode().splitlines() if line.strip()])
+
+    def changes_since(self, old: "SourceListing") -> str:
+        """What differs from `old`, e.g. '2 added (a.png, b.png), 1 changed (c.png)'; '' when identical."""
+        before = {i.key: (i.size, i.etag) for i in old.items}
+        now = {i.key: (i.size, i.etag) for i in self.items}
+        parts = []
+        for what, keys in (("added", sorted(now.keys() - before.keys())),
+                           ("removed", sorted(before.keys() - now.keys())),
+                           ("changed", sorted(k for k in now.keys() & before.keys() if now[k] != before[k]))):
+            if keys:
+                shown = ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+                parts.append(f"{len(keys)} {what} ({shown})")
+        return ", ".join(parts)
+
+
+def is_builtin(data: DataConfig) -> bool:
+    return data.source.startswith("builtin:")
+
+
+def _readable(key: str, data: DataConfig) -> bool:
+    """Files prepare may read (worker/sources.py); anything else beside the data is not its input."""
+    low = key.lower()
+    if low.endswith(IMAGE_EXTENSIONS) or low.endswith(".tar") or key == data.labels_file:
+        return True
+    return data.captions and low.endswith((".txt", ".json"))
+
+
+def list_source(data: DataConfig, storage: StorageConfig | None = None,
+                previous: SourceListing | None = None) -> SourceListing:
+    """The source's content listing; re-hashes only local files whose size or mtime changed."""
+    if is_builtin(data):
+        return SourceListing(data.source)
+    source = RunStore(data.source, storage)
+    try:
+        found = source.info_all()
+    except FileNotFoundError:
+        found = {}
+    if not found and source.is_file():  # a single tar shard as the source
+        name = source.url.rsplit("/", 1)[1]
+        parent = RunStore(source.url.rsplit("/", 1)[0], storage)
+        found = {name: parent.info_all(name)[name]}
+        source = parent
+    elif not found:
+        raise SourceError(f"data.source {data.source}: not found (or empty)")
+    known = {item.key: item for item in (previous.items if previous else [])}
+    items = []
+    for key in sorted(k for k in found if _readable(k, data)):
+        info = found[key]
+        size, mtime = int(info.get("size") or 0), info.get("mtime")
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        if etag:
+            items.append(ListedItem(key, size, str(etag).strip('"')))
+            continue
+        mtime = float(mtime) if mtime is not None else None
+        old = known.get(key)
+        if old is not None and old.size == size and old.mtime == mtime and mtime is not None:
+            items.append(ListedItem(key, size, old.etag, mtime))
+            continue
+        items.append(ListedItem(key, size, "sha256:" + _sha256(source, key), mtime))
+    if not items:
+        raise SourceError(f"data.source {data.source}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards "
+                          f"found")
+    return SourceListing(data.source, items)
+
+
+def _sha256(source: RunStore, key: str) -> str:
+    h = hashlib.sha256()
+    with source.open_read(key) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_committed_listing(store: RunStore, data: DataConfig) -> SourceListing | None:
+    """The listing the prepare stage committed (None before the first prepare)."""
+    try:
+        return SourceListing.from_jsonl(data.source, store.read_bytes(LISTING_KEY))
+    except FileNotFoundError:
+        return None
+
+
+def commit_listing(store: RunStore, listing: SourceListing):
+    """Write the listing as an immutable payload (after prepare cleared data/); returns its FileRef."""
+    return store.put_payload(LISTING_KEY, listing.to_jsonl())
