@@ -93,7 +93,10 @@ class RunStore:
             if self.protocol == "s3":
                 endpoint = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 client_kwargs = {k: v for k, v in {"endpoint_url": endpoint, "region_name": self.config.region}.items() if v}
-                options = {"client_kwargs": client_kwargs, "use_listings_cache": False, "skip_instance_cache": True}
+                # botocore's own retry loop is kept short: this store's `_retry` owns backoff and the deadline.
+                options = {"client_kwargs": client_kwargs, "use_listings_cache": False, "skip_instance_cache": True,
+                           "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
+                                             "connect_timeout": 10}}
             try:
                 self._fs = fsspec.filesystem(self.protocol, **options)
             except (ValueError, ImportError) as exc:  # unknown protocol, or its client is not installed

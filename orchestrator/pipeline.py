@@ -200,7 +200,14 @@ def repair_exports(runner: StageRunner) -> None:
     re-exports from its last good checkpoint (or retrains if it has none); gather follows."""
     from orchestrator.verify import damaged_exports, drop_export
 
-    damaged = damaged_exports(runner.store)
+    from orchestrator.islands import expert_index
+    from orchestrator.train_stage import prefix_of
+
+    train = runner.committed("train")
+    missing = set(train.details.get("missing", [])) if train else set()
+    expected = [prefix_of(job) for job in (train.details.get("placement", {}) if train else {})
+                if job == "router" or expert_index(job) not in missing]
+    damaged = damaged_exports(runner.store, expected)
     if not damaged:
         return
     for prefix, reason in damaged.items():

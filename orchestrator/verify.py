@@ -123,12 +123,15 @@ def verify(store: RunStore, full: bool = True) -> list[Finding]:
     return findings
 
 
-def damaged_exports(store: RunStore) -> dict[str, str]:
-    """Jobs whose export.json is unreadable or whose export files fail sha256: prefix -> reason."""
+def damaged_exports(store: RunStore, expected: list[str] = ()) -> dict[str, str]:
+    """Jobs whose export.json is unreadable or whose export files fail sha256, and `expected` jobs
+    (those a committed train stage lists as done) without one: prefix -> reason."""
     out = {}
-    for prefix in job_prefixes(store):
+    for prefix in sorted(set(job_prefixes(store)) | set(expected)):
         key = f"{prefix}/export.json"
         if not store.exists(key):
+            if prefix in expected:
+                out[prefix] = "export.json missing"
             continue
         try:
             record = store.read_record(key, ExportRecord)

@@ -75,7 +75,9 @@ def save_checkpoint(store: RunStore, prefix: str, job: str, nimg: int, step: int
              store.put_payload(f"{folder}/optimizer.safetensors", st_save(opt_tensors, metadata=opt_meta)),
              store.put_payload(f"{folder}/state.safetensors", st_save(state))]
     record = CheckpointRecord(job=job, nimg=nimg, step=step, files=files, created_at=_now(), metrics=metrics or {})
-    store.commit(f"{prefix}/checkpoints/{nimg:012d}.json", record)
+    key = f"{prefix}/checkpoints/{nimg:012d}.json"
+    store.delete(_bad_key(key))  # this record replaces one recorded as bad at the same nimg
+    store.commit(key, record)
     _prune(store, prefix, keep)
     return record
 
@@ -115,11 +117,15 @@ def _prune(store: RunStore, prefix: str, keep: int) -> None:
         store.delete(_bad_key(key))
         for folder in {f.path.rsplit("/", 1)[0] for f in rec.files} if rec else ():
             store.delete(folder)
-    live = {f.path.rsplit("/", 1)[0] for key in kept if (rec := _read_ok(store, key)) for f in rec.files}
-    kept_nimg = {key.rsplit("/", 1)[1][:12] for key in kept}  # a bad record's files stay as evidence
+    live = set()  # files of every kept record, a bad one's included (evidence until it rolls out)
+    for key in kept:
+        try:
+            live |= {f.path.rsplit("/", 1)[0] for f in store.read_record(key, CheckpointRecord).files}
+        except ManifestError:
+            pass
     for key in store.list(f"{prefix}/checkpoints"):
         folder = key.rsplit("/", 1)[0]
-        if key.endswith(".safetensors") and folder not in live and folder.rsplit("/", 1)[1][:12] not in kept_nimg:
+        if key.endswith(".safetensors") and folder not in live:
             store.delete(folder)
 
 
