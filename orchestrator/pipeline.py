@@ -99,10 +99,13 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
 
 def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, address: str | None,
            show_progress: bool, redo: str | None, t0: float) -> RunSummary:
-    from worker.listing import is_builtin, list_source, read_committed_listing
+    from worker.listing import is_builtin, list_source, read_committed_listing, read_hash_cache, update_hash_cache
 
     previous = None if is_builtin(config.data) else read_committed_listing(store, config.data)
-    listing = list_source(config.data, config.storage, previous)  # missing/empty source: one line, nothing touched
+    hint = (read_hash_cache(store, config.data) or previous) if previous else None
+    listing = list_source(config.data, config.storage, hint)  # missing/empty source: one line, nothing touched
+    if hint is not None:
+        update_hash_cache(store, listing, hint)
     runner = StageRunner(store, config, None if is_builtin(config.data) else listing.fingerprint(), redo=redo,
                          source_changes=listing.changes_since(previous) if previous else "")
     runner.check()  # a changed committed stage stops here, before anything is written

@@ -126,12 +126,29 @@ def _sha256(source: RunStore, key: str) -> str:
     return h.hexdigest()
 
 
+HASH_CACHE_KEY = "cache/source_listing.jsonl"  # not committed: mtimes seen last, so a touch is hashed once
+
+
 def read_committed_listing(store: RunStore, data: DataConfig) -> SourceListing | None:
     """The listing the prepare stage committed (None before the first prepare)."""
     try:
         return SourceListing.from_jsonl(data.source, store.read_bytes(LISTING_KEY))
     except FileNotFoundError:
         return None
+
+
+def read_hash_cache(store: RunStore, data: DataConfig) -> SourceListing | None:
+    """The last listing seen (a re-hashing hint only: identity always comes from the hashes)."""
+    try:
+        return SourceListing.from_jsonl(data.source, store.read_bytes(HASH_CACHE_KEY))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def update_hash_cache(store: RunStore, listing: SourceListing, seen: SourceListing | None) -> None:
+    """Remember this listing's mtimes when they differ from the hint used, so the next run re-hashes nothing."""
+    if seen is None or [(i.key, i.mtime) for i in seen.items] != [(i.key, i.mtime) for i in listing.items]:
+        store.write_bytes(HASH_CACHE_KEY, listing.to_jsonl())
 
 
 def commit_listing(store: RunStore, listing: SourceListing):

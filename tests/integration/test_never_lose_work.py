@@ -20,7 +20,7 @@ from common.storage import RunStore
 from orchestrator.cli import main
 from orchestrator.pipeline import run_pipeline
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # one tiny pipeline run (~45 s idle) shared by the module
 
 TINY = ["clustering.num_experts=2", "clustering.num_fine_centroids=16", "training.global_batch=128",
         "training.duration_nimg=1280", "training.checkpoint_every_nimg=640", "training.log_every_nimg=640",
@@ -42,9 +42,11 @@ def digit_folder(root: Path, n: int = 256) -> Path:
 
 
 def snapshot(run: Path) -> dict[str, str]:
-    """sha256 of every file in the run store but run.json (rewritten with the config on every run)."""
+    """sha256 of every file in the run store but run.json (rewritten with the config on every run) and
+    the source's re-hashing hint (cache/)."""
     return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.name not in ("run.json", "lease.json")}
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name not in ("run.json", "lease.json")
+            and not str(p.relative_to(run)).startswith("cache/")}
 
 
 def args(run: Path, source: Path, *extra: str) -> list[str]:

@@ -81,14 +81,18 @@ def test_rerun_does_no_work(gmm_run, monkeypatch) -> None:
     assert {s: RunStore(config.run_uri).read_bytes(f"stages/{s}.json") for s in records} == records
 
 
-def test_changed_training_config_redoes_only_training(gmm_run, tmp_path) -> None:
+def test_changed_training_config_redoes_only_training_when_asked(gmm_run, tmp_path) -> None:
     import shutil
+
+    from orchestrator.stages import StageChanged
 
     config, _ = gmm_run
     copy = tmp_path / "copy"
     shutil.copytree(config.run_uri, copy)
     changed = resolve_config("gmm", overrides=[f"run_uri={copy}", *TINY, "training.lr=5e-4"])
-    summary = run_pipeline(changed, until="train", show_progress=False)
+    with pytest.raises(StageChanged, match=r"stage train .*training.lr 0.001 -> 0.0005"):
+        run_pipeline(changed, until="train", show_progress=False)  # never a silent retrain
+    summary = run_pipeline(changed, until="train", show_progress=False, redo="train")
     assert summary.stages["prepare"]["skipped"] and summary.stages["cluster"]["skipped"]
     assert not summary.stages["train"]["skipped"]
 
