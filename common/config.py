@@ -155,11 +155,14 @@ class StorageConfig(Strict):
     """Object-store options. Credentials never live here: they come from the AWS environment/chain."""
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (e.g. MinIO); None = AWS or AWS_ENDPOINT_URL.")
     region: str | None = None
-    retries: int = Field(30, ge=0, description="At most this many retries of a transient storage error (connection, 5xx, throttling).")
+    retries: int = Field(30, ge=0, description="At most this many retries of a transient storage error "
+                                               "(connection, 5xx, throttling).")
     backoff_s: float = Field(0.2, ge=0, description="First retry delay; doubles each retry up to backoff_max_s.")
     backoff_max_s: float = Field(10.0, ge=0, description="Longest delay between two retries.")
-    retry_deadline_s: float = Field(120.0, ge=0, description="Give up retrying a transient storage error after this many seconds (one line; a rerun resumes).")
-    lease_ttl_s: float = Field(60.0, gt=0, description="A driver's lease on its run store expires this long after its last heartbeat.")
+    retry_deadline_s: float = Field(120.0, ge=0, description="Give up retrying a transient storage error after "
+                                                             "this many seconds (one line; a rerun resumes).")
+    lease_ttl_s: float = Field(60.0, gt=0, description="A driver's lease on its run store expires this long "
+                                                       "after its last heartbeat.")
     cache_dir: str | None = Field(None, description="Local cache for downloaded payloads (None = ~/.cache/ddm).")
 
 

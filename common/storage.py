@@ -10,8 +10,6 @@ Credentials are never taken from, or written to, the config: s3fs reads the AWS 
 
 from __future__ import annotations
 
-from common.errors import DDMError, UsageError
-
 import hashlib
 import json
 import logging
@@ -19,13 +17,15 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 import fsspec
 from pydantic import BaseModel, ValidationError
 
 from common.config import StorageConfig
+from common.errors import DDMError, UsageError
 from common.manifests import FileRef, ManifestError, check_relative_path
 from common.transient import is_transient, not_implemented
 
@@ -336,7 +336,7 @@ class RunStore:
             os.replace(tmp, target)
         return target
 
-    def scoped(self, prefixes: Sequence[str], read_only: Sequence[str] = ()) -> "ScopedStore":
+    def scoped(self, prefixes: Sequence[str], read_only: Sequence[str] = ()) -> ScopedStore:
         """A view that may read and write under `prefixes` and only read under `read_only`."""
         return ScopedStore(self.url, self.config, prefixes, read_only)
 
@@ -393,7 +393,7 @@ class ScopedStore(RunStore):
         self._check(ref.path, write=False)
         return super().local_copy(ref)
 
-    def scoped(self, prefixes: Sequence[str], read_only: Sequence[str] = ()) -> "ScopedStore":
+    def scoped(self, prefixes: Sequence[str], read_only: Sequence[str] = ()) -> ScopedStore:
         for p in list(prefixes) + list(read_only):
             self._check(p.rstrip("/") + "/", write=p in prefixes)
         return ScopedStore(self.url, self.config, prefixes, read_only)

@@ -39,7 +39,8 @@ def client_error_status(exc: BaseException) -> tuple[str, int] | None:
 def _network_error_types() -> tuple[type, ...]:
     types: list[type] = []
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
 
         types += [BotoConnectionError, HTTPClientError]  # endpoint, connect/read timeouts, closed connections
     except ImportError:  # pragma: no cover - botocore comes with s3fs

@@ -7,8 +7,8 @@ import json
 import logging
 
 from common.config import resolve_config
-from common.storage import RunStore
 from common.errors import UsageError
+from common.storage import RunStore
 from orchestrator.cli import COMMANDS, add_config_args
 from orchestrator.stages import STAGES
 

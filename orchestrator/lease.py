@@ -75,7 +75,7 @@ class RunLease:
         except ValueError:
             return {}  # torn or foreign content: treated as expired below
 
-    def acquire(self) -> "RunLease":
+    def acquire(self) -> RunLease:
         for _ in range(3):  # a takeover can race another taker; the loser sees a live holder next time
             if self.store.create_exclusive(LEASE_KEY, self._body()):
                 self._start_heartbeat()
@@ -135,7 +135,7 @@ class RunLease:
         if holder and holder.get("owner") == self.owner:
             self.store.delete(LEASE_KEY)
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> RunLease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+
 import ray
 
 from common.config import RunConfig
@@ -201,15 +202,13 @@ def check_committed_outputs(runner: StageRunner, until: str) -> None:
 def repair_exports(runner: StageRunner) -> None:
     """A committed train stage whose exports fail verification is redone for those jobs only: each
     re-exports from its last good checkpoint (or retrains if it has none); gather follows."""
+    from common.keys import ROUTER, expert_index, job_prefix
     from orchestrator.verify import damaged_exports, drop_export
-
-    from orchestrator.islands import expert_index
-    from orchestrator.train_stage import prefix_of
 
     train = runner.committed("train")
     missing = set(train.details.get("missing", [])) if train else set()
-    expected = [prefix_of(job) for job in (train.details.get("placement", {}) if train else {})
-                if job == "router" or expert_index(job) not in missing]
+    expected = [job_prefix(job) for job in (train.details.get("placement", {}) if train else {})
+                if job == ROUTER or expert_index(job) not in missing]
     damaged = damaged_exports(runner.store, expected)
     if not damaged:
         return

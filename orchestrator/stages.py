@@ -14,10 +14,10 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from common.config import RunConfig
 from common.errors import DDMError, UsageError

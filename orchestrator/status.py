@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from common.keys import export_key, status_key
-
-from common.errors import UsageError
-
 from datetime import datetime, timezone
 
+from common.errors import UsageError
+from common.keys import export_key, status_key
 from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, ManifestError, RunRecord, StageRecord
 from common.storage import RunStore
 from orchestrator.lease import read_lease
 from orchestrator.stages import STAGES, stage_summary
-
 
 STALE_AFTER_S = 120.0  # the controller writes each running job's status at least every ~5 s
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from common.config import RunConfig
 from common.errors import DDMError
+from common.keys import ROUTER, expert_index, export_key, job_prefix, status_key
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
-from common.keys import ROUTER, expert_index, export_key, job_prefix, status_key
 from orchestrator.islands import place_jobs
 from orchestrator.stages import StageChanged, now_iso, read_stamp
 

@@ -12,8 +12,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from common.manifests import (CheckpointRecord, ClusterManifest, DatasetManifest, EnsembleManifest,
-                              ExpertManifest, ExportRecord, FileRef, ManifestError, RouterManifest, StageRecord)
+from common.manifests import (
+    CheckpointRecord,
+    ClusterManifest,
+    DatasetManifest,
+    EnsembleManifest,
+    ExpertManifest,
+    ExportRecord,
+    FileRef,
+    ManifestError,
+    RouterManifest,
+    StageRecord,
+)
 from common.storage import IntegrityError, RunStore, sha256_bytes
 from orchestrator.stages import STAGES, job_prefixes
 

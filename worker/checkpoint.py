@@ -11,8 +11,6 @@ skipped: the job resumes from the newest good one, and pruning always keeps the 
 
 from __future__ import annotations
 
-from common.keys import export_key
-
 import json
 import logging
 import re
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common.keys import export_key
 from common.manifests import CheckpointRecord, ExportRecord, FileRef, ManifestError
 from common.storage import IntegrityError, RunStore
 

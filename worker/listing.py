@@ -51,10 +51,10 @@ class SourceListing:
         return "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in self.items).encode()
 
     @classmethod
-    def from_jsonl(cls, source: str, raw: bytes) -> "SourceListing":
+    def from_jsonl(cls, source: str, raw: bytes) -> SourceListing:
         return cls(source, [ListedItem(**json.loads(line)) for line in raw.decode().splitlines() if line.strip()])
 
-    def changes_since(self, old: "SourceListing") -> str:
+    def changes_since(self, old: SourceListing) -> str:
         """What differs from `old`, e.g. '2 added (a.png, b.png), 1 changed (c.png)'; '' when identical."""
         before = {i.key: (i.size, i.etag) for i in old.items}
         now = {i.key: (i.size, i.etag) for i in self.items}

@@ -100,7 +100,7 @@ def test_missing_source_is_one_line_and_deletes_nothing(copy, capsys) -> None:
     for extra in ([], ["--until", "prepare"]):
         code = main([*args(run, source), *extra])
         err = capsys.readouterr().err.strip()
-        assert code == 1 and len(err.splitlines()) == 1 and f"data.source {source}: not found" in err, err
+        assert code == 2 and len(err.splitlines()) == 1 and f"data.source {source}: not found" in err, err
         assert snapshot(run) == before
 
 

@@ -9,7 +9,7 @@ from common.config import ModelConfig, TrainingConfig
 from common.manifests import CheckpointRecord
 from common.storage import RunStore
 from tests.partitions import digits_like, write_expert_partition
-from worker.checkpoint import checkpoint_records, latest_checkpoint, _prune
+from worker.checkpoint import _prune, checkpoint_records, latest_checkpoint
 from worker.train import TrainJob, job_store, train
 
 torch.set_num_threads(1)
