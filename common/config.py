@@ -238,8 +238,17 @@ class SamplingConfig(RoutingConfig):
 class EvalConfig(Strict):
     num_samples: int = Field(512, ge=1, le=1_000_000)
     strategies: list[Strategy] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
-    inception_path: str | None = Field(None, description="Local Inception weights for FID; the code never downloads them.")
+    inception_path: None = Field(None, description="Always null: a run never names code or weights to load for FID; "
+                                 "they come from `ddm eval --inception PATH` or DDM_INCEPTION_WEIGHTS.")
     t_grid: list[float] = Field(default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+
+    @field_validator("inception_path", mode="before")
+    @classmethod
+    def _no_stored_weights(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("a run cannot name FID weights; pass them with `ddm eval --inception PATH` or "
+                             "the DDM_INCEPTION_WEIGHTS environment variable (a state dict)")
+        return None
 
     @field_validator("strategies")
     @classmethod
