@@ -62,7 +62,8 @@ class Strict(BaseModel):
 
 class DataConfig(Strict):
     source: str = Field("builtin:digits", description="Local path or fsspec URL of an image folder or tar shards, or builtin:digits|shapes|gmm.")
-    image_size: int = Field(8, ge=1, le=ModelLimits.input_side, description="Images are resized (shorter side) and centre-cropped to this square size, in pixels.")
+    image_size: int = Field(8, ge=1, le=ModelLimits.input_side,
+                            description="Images are resized (shorter side) and centre-cropped to this square size, in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; every decoded image is converted to this.")
     max_items: int | None = Field(None, ge=1, description="Use at most this many items (in discovery order); None = all.")
     label_source: Literal["none", "folder", "file", "builtin"] = Field("builtin", description="Where class labels come from.")
@@ -72,7 +73,8 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, description="Decompression-bomb limit: images with more pixels are quarantined.")
     max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are quarantined unread.")
     shard_rows: int = Field(4096, ge=1, description="Rows per latent/feature shard.")
-    num_classes: int | None = Field(None, ge=1, le=ModelLimits.num_classes, description="Number of classes for class conditioning; None = inferred from the data.")
+    num_classes: int | None = Field(None, ge=1, le=ModelLimits.num_classes,
+                                    description="Number of classes for class conditioning; None = inferred from the data.")
     gmm_components: int = Field(4, ge=1, description="builtin:gmm: number of mixture components.")
     gmm_items: int = Field(8192, ge=1, description="builtin:gmm / builtin:shapes: number of items generated.")
     gmm_separation: float = Field(4.0, gt=0, description="builtin:gmm: distance scale between component means, in component std units.")

@@ -57,11 +57,7 @@ def test_case8_error_values_are_truncated(capsys: pytest.CaptureFixture[str]) ->
     assert err.startswith("error: config: seed = ") and len(err) < 300 and "..." in err
 
 
-def test_case8_binary_and_oversized_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    binary = tmp_path / "model.bin"
-    binary.write_bytes(bytes(range(256)) * 4)
-    assert main(["config", "show", "--config", str(binary)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --config {binary}: not UTF-8 text (is it a YAML file?)"
+def test_case8_oversized_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     big = tmp_path / "big.yaml"
     big.write_text("seed: 1\n" + "# padding\n" * 120_000)
     assert main(["config", "show", "--config", str(big)]) == 2
