@@ -130,7 +130,9 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
     train = runner.committed("train")
     missing = list(train.details.get("missing", [])) if train else []
     result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing)
-    ensemble = Ensemble.load(store)
+    # The VAE that decodes the preview is the one this driver's own config named (latents.model), not one
+    # read from an untrusted store, so it may live outside the run.
+    ensemble = Ensemble.load(store, allow_external_models=True)
     n = min(config.sampling.num_samples, 64)
     classes = [i % ensemble.num_classes for i in range(n)] if ensemble.num_classes else None
     single = config.sampling.strategy == "single"
