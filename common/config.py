@@ -9,24 +9,61 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from common.errors import UsageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Known sizes of the built-in sources, so that cross-field checks can run before any data is read.
+# Known sizes of the built-in sources, so that cross-field checks can run before any data is read
+# (builtin:gmm and builtin:shapes generate data.gmm_items rows; see `known_dataset_size`).
 BUILTIN_SIZES = {"builtin:digits": 1797}
+
+# The inference strategies of paper Table 1 (worker/sampler.py implements them): the one list of names.
+Strategy = Literal["top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+# DiT size presets (Peebles & Xie 2023, Table 1; "tiny" for CPU tests). worker/models/dit.py builds them.
+ModelSize = Literal["tiny", "S", "B", "L", "XL"]
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(width=64, depth=4, heads=4),
+    "S": dict(width=384, depth=12, heads=6),
+    "B": dict(width=768, depth=12, heads=12),
+    "L": dict(width=1024, depth=24, heads=16),
+    "XL": dict(width=1152, depth=28, heads=16),
+}
+assert tuple(MODEL_SIZES) == get_args(ModelSize)
+
+
+class ModelLimits:
+    """Explicit bounds on every model size, checked in the config and again before a model stored in a
+    run (its config.json) allocates anything: an untrusted file must not be able to ask for 10^12 floats.
+    They sit well above the paper's largest model (DiT-XL/2: width 1152, depth 28, 675M parameters)."""
+    width = 8192
+    depth = 256
+    heads = 256
+    patch_size = 64
+    input_side = 4096          # latent height / width in cells
+    in_channels = 256
+    tokens = 65_536            # (H / p) * (W / p): the positional table and attention length
+    num_classes = 1_000_000
+    text_dim = 16_384
+    mlp_ratio = 16.0
+    num_experts = 4096
+    parameters = 20_000_000_000
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: every float in the config must be finite (an infinite lr or cfg_scale is an error).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(Strict):
     source: str = Field("builtin:digits", description="Local path or fsspec URL of an image folder or tar shards, or builtin:digits|shapes|gmm.")
-    image_size: int = Field(8, ge=1, description="Images are resized (shorter side) and centre-cropped to this square size, in pixels.")
+    image_size: int = Field(8, ge=1, le=ModelLimits.input_side,
+                            description="Images are resized (shorter side) and centre-cropped to this square size, in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; every decoded image is converted to this.")
     max_items: int | None = Field(None, ge=1, description="Use at most this many items (in discovery order); None = all.")
     label_source: Literal["none", "folder", "file", "builtin"] = Field("builtin", description="Where class labels come from.")
@@ -36,7 +73,8 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, description="Decompression-bomb limit: images with more pixels are quarantined.")
     max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are quarantined unread.")
     shard_rows: int = Field(4096, ge=1, description="Rows per latent/feature shard.")
-    num_classes: int | None = Field(None, ge=1, description="Number of classes for class conditioning; None = inferred from the data.")
+    num_classes: int | None = Field(None, ge=1, le=ModelLimits.num_classes,
+                                    description="Number of classes for class conditioning; None = inferred from the data.")
     gmm_components: int = Field(4, ge=1, description="builtin:gmm: number of mixture components.")
     gmm_items: int = Field(8192, ge=1, description="builtin:gmm / builtin:shapes: number of items generated.")
     gmm_separation: float = Field(4.0, gt=0, description="builtin:gmm: distance scale between component means, in component std units.")
@@ -73,7 +111,8 @@ class PrepareConfig(Strict):
 
 class ClusteringConfig(Strict):
     method: Literal["kmeans2", "random"] = Field("kmeans2", description="kmeans2 = two-stage k-means (fine -> coarse); random = ablation baseline.")
-    num_experts: int = Field(4, ge=1, description="K, the number of clusters = experts. K = 1 is the monolith baseline.")
+    num_experts: int = Field(4, ge=1, le=ModelLimits.num_experts,
+                             description="K, the number of clusters = experts. K = 1 is the monolith baseline.")
     num_fine_centroids: int = Field(1024, ge=1, description="Stage-one centroids; clipped to the number of items.")
     fit_sample: int = Field(50_000, ge=1, description="Items sampled to fit the fine centroids.")
     iterations: int = Field(20, ge=1)
@@ -86,13 +125,30 @@ class ClusteringConfig(Strict):
 
 class ModelConfig(Strict):
     """A DiT (worker/models/dit.py). in_channels and input size come from the latents."""
-    size: str = Field("tiny", description="Preset in worker.models.dit.DIT_SIZES: tiny, S, B, L, XL.")
-    patch_size: int = Field(2, ge=1)
-    width: int | None = Field(None, ge=8, description="Override the preset's hidden size.")
-    depth: int | None = Field(None, ge=1, description="Override the preset's number of blocks.")
-    heads: int | None = Field(None, ge=1, description="Override the preset's attention heads.")
+    size: ModelSize = Field("tiny", description="Preset in MODEL_SIZES: tiny, S, B, L, XL.")
+    patch_size: int = Field(2, ge=1, le=ModelLimits.patch_size)
+    width: int | None = Field(None, ge=8, le=ModelLimits.width, description="Override the preset's hidden size.")
+    depth: int | None = Field(None, ge=1, le=ModelLimits.depth, description="Override the preset's number of blocks.")
+    heads: int | None = Field(None, ge=1, le=ModelLimits.heads, description="Override the preset's attention heads.")
     conditioning: Literal["none", "class", "text"] = "class"
     label_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing the condition by the null condition (CFG training).")
+
+    def dims(self) -> dict[str, int]:
+        """width, depth and heads: the preset of `size` with any explicit overrides applied."""
+        dims = dict(MODEL_SIZES[self.size])
+        for key in ("width", "depth", "heads"):
+            if getattr(self, key) is not None:
+                dims[key] = getattr(self, key)
+        return dims
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        width, heads = self.dims()["width"], self.dims()["heads"]
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if width % 4:  # half the channels encode rows, half columns, each as sin/cos pairs
+            raise ValueError(f"width {width} must be divisible by 4 (2-D sin-cos positions)")
+        return self
 
 
 class TrainingConfig(Strict):
@@ -166,26 +222,52 @@ class StorageConfig(Strict):
     cache_dir: str | None = Field(None, description="Local cache for downloaded payloads (None = ~/.cache/ddm).")
 
 
-class SamplingConfig(Strict):
-    strategy: Literal["top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single"] = "top1"
-    top_k: int = Field(2, ge=1)
-    threshold: float = Field(0.1, ge=0, le=1)
-    nucleus_p: float = Field(0.9, gt=0, le=1)
-    steps: int = Field(32, ge=1)
+class RoutingConfig(Strict):
+    """How the router posterior becomes expert weights at every step (worker/sampler.py)."""
+    strategy: Strategy = "top1"
+    top_k: int = Field(2, ge=1, description="topk: experts kept.")
+    threshold: float = Field(0.1, ge=0, le=1, description="threshold: minimum posterior kept.")
+    nucleus_p: float = Field(0.9, gt=0, le=1, description="nucleus: posterior mass kept.")
+
+
+class SamplingConfig(RoutingConfig):
+    """Everything `Ensemble.sample` needs besides n, the condition and the seed."""
+    steps: int = Field(32, ge=1, le=100_000)
     solver: Literal["euler", "heun"] = "euler"
-    cfg_scale: float = Field(1.0, ge=0)
-    num_samples: int = Field(64, ge=1)
+    cfg_scale: float = Field(1.0, ge=0, le=1000, description="Classifier-free guidance scale, applied per expert.")
+    num_samples: int = Field(64, ge=1, le=1_000_000)
+
+    @property
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(strategy=self.strategy, top_k=self.top_k, threshold=self.threshold,
+                             nucleus_p=self.nucleus_p)
 
 
 class EvalConfig(Strict):
-    num_samples: int = Field(512, ge=1)
-    strategies: list[str] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
-    inception_path: str | None = Field(None, description="Local Inception weights for FID; the code never downloads them.")
+    num_samples: int = Field(512, ge=1, le=1_000_000)
+    strategies: list[Strategy] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
+    inception_path: None = Field(None, description="Always null: a run never names code or weights to load for FID; "
+                                 "they come from `ddm eval --inception PATH` or DDM_INCEPTION_WEIGHTS.")
     t_grid: list[float] = Field(default_factory=lambda: [0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+
+    @field_validator("inception_path", mode="before")
+    @classmethod
+    def _no_stored_weights(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("a run cannot name FID weights; pass them with `ddm eval --inception PATH` or "
+                             "the DDM_INCEPTION_WEIGHTS environment variable (a state dict)")
+        return None
+
+    @field_validator("strategies")
+    @classmethod
+    def _comparable(cls, value: list[str]) -> list[str]:
+        if "single" in value:  # one fixed expert is not an ensemble strategy; report.py draws each expert alone
+            raise ValueError("'single' is not a comparable strategy (it needs an expert index)")
+        return value
 
 
 class RunConfig(Strict):
-    name: str = "digits"
+    name: str = Field("digits", description="Run name: letters, digits, '.', '_', '-' (it names folders and keys).")
     run_uri: str = Field("runs/digits", description="Run store root: local path, file://, memory:// or s3:// URL.")
     seed: int = Field(0, ge=0, description="Root of every random draw (data order, noise, init).")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -202,14 +284,32 @@ class RunConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError("must be a plain name (letters, digits, '.', '_', '-'; at most 128), "
+                             "not empty and not a path")
+        return value
+
+    @field_validator("run_uri")
+    @classmethod
+    def _non_empty_uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the run store (a path or a URL)")
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         k = self.clustering.num_experts
-        size = BUILTIN_SIZES.get(self.data.source)
-        if self.data.max_items is not None:
-            size = min(size, self.data.max_items) if size else self.data.max_items
+        size = self.known_dataset_size()
         if size is not None and k > size:
             raise ValueError(f"clustering.num_experts = {k} exceeds the dataset size {size}")
+        side = self.known_latent_side()
+        for where, model in (("model", self.model), ("router.model", self.router.model)):
+            if side is not None and side % model.patch_size:
+                raise ValueError(f"{where}.patch_size = {model.patch_size} does not divide the latent size "
+                                 f"{side}x{side} (data.image_size with latents.encoder = identity)")
         if self.training.global_batch % k:
             lo = (self.training.global_batch // k) * k
             raise ValueError(
@@ -241,6 +341,19 @@ class RunConfig(Strict):
                         f"{island.per_worker_batch or batch // island.num_workers} does not divide the {what} {batch}")
         return self
 
+    def known_dataset_size(self) -> int | None:
+        """Rows the run will have, where known before any data is read (built-in sources, max_items)."""
+        size = BUILTIN_SIZES.get(self.data.source)
+        if self.data.source in ("builtin:gmm", "builtin:shapes"):
+            size = self.data.gmm_items
+        if self.data.max_items is not None:
+            size = min(size, self.data.max_items) if size else self.data.max_items
+        return size
+
+    def known_latent_side(self) -> int | None:
+        """Latent height = width where known at config time: pixels (identity encoder) are image_size."""
+        return self.data.image_size if self.latents.encoder == "identity" else None
+
     @property
     def expert_batch(self) -> int:
         """Effective batch of one expert: the global batch split over K (paper §4.1, FLOP matching)."""
@@ -259,16 +372,56 @@ class ConfigError(UsageError, ValueError):
 
 
 def format_validation_error(err: ValidationError, data: dict[str, Any] | None = None) -> str:
-    """One line naming the field path, the value and the reason."""
+    """One line naming the field path, the value and the reason; the value is shown truncated."""
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     reason = first["msg"].removeprefix("Value error, ")
     if not path:
         return f"config: {reason}"
-    value = first.get("input")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config: {path} = {shown}: {reason}{more}"
+    value = first.get("input")
+    if isinstance(value, dict) and first["type"] == "value_error":  # a section's own check: its message names the fields
+        return f"config: {path}: {reason}{more}"
+    return f"config: {path} = {short_value(value)}: {reason}{more}"
+
+
+def short_value(value: Any, limit: int = 80) -> str:
+    """A value for an error message, never longer than `limit` characters and never fully expanded:
+    a container is summarised, since a YAML alias tree may expand to billions of items."""
+    if isinstance(value, dict):
+        return f"{{... {len(value)} keys}}"
+    if isinstance(value, (list, tuple)):
+        return f"[... {len(value)} items]"
+    if isinstance(value, str):
+        value = value[: limit + 1]
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = repr(value)[: limit + 1]
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+# Untrusted YAML (--config, --runtime-env) is bounded twice: the file's bytes, and the number of nodes
+# it expands to, since aliases let a few hundred bytes name 10^9 nodes ("billion laughs").
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def check_expanded_size(tree: Any, what: str, limit: int = MAX_YAML_NODES) -> None:
+    """Raise ConfigError when `tree` has more than `limit` nodes counted as expanded (a shared alias counts
+    each time it is used); the walk stops at the limit, so it costs O(limit) whatever the tree."""
+    seen = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ConfigError(f"{what}: expands to more than {limit:,} values (nested YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
@@ -286,7 +439,8 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}={raw}: not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"--set {dotted}={short_value(raw)}: not valid YAML ({exc.__class__.__name__})") from None
+    check_expanded_size(value, f"--set {dotted}")
     node[keys[-1]] = value
 
 
@@ -316,18 +470,26 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
 
 
 def load_yaml_mapping(path: str, flag: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping, or a one-line ConfigError naming `flag` and the file."""
+    """A YAML file whose top level is a mapping, or a one-line ConfigError naming `flag` and the file.
+
+    Bounded: at most MAX_YAML_BYTES of UTF-8 text, expanding to at most MAX_YAML_NODES values."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
+    if file.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{flag} {path}: {file.stat().st_size:,} bytes; a config is at most {MAX_YAML_BYTES:,}")
     try:
-        tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{flag} {path}: not a UTF-8 text file") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{flag} {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{flag} {path}: not valid YAML: {first[:200]}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{flag} {path}: top level must be a mapping")
+    check_expanded_size(tree, f"{flag} {path}")
     return tree
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.config import RunConfig, format_validation_error
+from common.config import STRATEGIES, RunConfig, format_validation_error
 from common.manifests import RunRecord
 from common.storage import RunStore
 from orchestrator.cli import COMMANDS, UsageError
 
-STRATEGY_CHOICES = ("top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single")
+MAX_GRID_SAMPLES = 4096  # `ddm sample` writes one grid PNG; larger sets belong to `ddm eval`
 
 
 def open_run(uri: str) -> tuple[RunStore, RunConfig]:
@@ -36,19 +36,35 @@ def open_run(uri: str) -> tuple[RunStore, RunConfig]:
     return RunStore(uri, config.storage), config
 
 
+def _trust_hint(fn):
+    """A model outside the run is refused by the library naming its parameter; here, name the flag too."""
+    def run(args: argparse.Namespace) -> int:
+        from worker.ensemble import ExternalModelError
+
+        try:
+            return fn(args)
+        except ExternalModelError as exc:
+            raise UsageError(f"{exc} (--trust-remote-paths)") from None
+    return run
+
+
+@_trust_hint
 def cmd_sample(args: argparse.Namespace) -> int:
     from worker.distill import load_student
     from worker.ensemble import Ensemble
     from worker.sampler import save_grid
 
     store, config = open_run(args.run)
-    s = config.sampling
+    flags = {"strategy": "top1" if args.student else args.strategy, "steps": args.steps, "solver": args.solver,
+             "cfg_scale": args.cfg, "top_k": args.k, "threshold": args.threshold, "nucleus_p": args.nucleus_p}
+    s = sampling_with(config.sampling, {k: v for k, v in flags.items() if v is not None})  # before any loading
+    trust = args.trust_remote_paths
     if args.student:
-        ensemble = load_student(store)
+        ensemble = load_student(store, allow_external_models=trust)
         if ensemble is None:
             raise UsageError(f"{args.run}: no student/export.json (run `ddm distill {args.run}` first)")
     else:
-        ensemble = Ensemble.load(store)
+        ensemble = Ensemble.load(store, allow_external_models=trust)
     text = None
     if args.prompt is not None:
         if config.model.conditioning != "text" or config.text.encoder == "none":
@@ -57,15 +73,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         import torch
 
         from worker.encoders import ClipText
+        from worker.ensemble import model_location
 
-        text = ClipText(config.text.model, config.text.max_length, torch.device("cpu"))([args.prompt])[1]  # [1, L, D]
-    strategy = "top1" if args.student else (args.strategy or s.strategy)
+        where = model_location(store, config.text.model, "text.model", trust)
+        text = ClipText(where, config.text.max_length, torch.device("cpu"))([args.prompt])[1]  # [1, L, D]
     n = args.n or min(s.num_samples, 64)
-    latents = ensemble.sample(n, strategy=strategy, steps=args.steps or s.steps, solver=args.solver or s.solver,
-                              cfg_scale=s.cfg_scale if args.cfg is None else args.cfg, classes=args.klass, seed=args.seed,
-                              top_k=s.top_k if args.k is None else args.k, threshold=s.threshold if args.threshold is None else args.threshold,
-                              nucleus_p=s.nucleus_p if args.nucleus_p is None else args.nucleus_p, oracle_cluster=args.cluster, expert=args.expert,
-                              text=text)
+    latents = ensemble.sample(n, s, classes=args.klass, seed=args.seed, oracle_cluster=args.cluster,
+                              expert=args.expert, text=text)
     classes = None if text is not None else ensemble.classes_for(n, args.klass)
     if text is not None:
         labels = [args.prompt[:12]] * n
@@ -73,30 +87,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = [str(int(c)) for c in classes]
     else:  # unconditional: label each sample with the expert the router picks for the clean image
         labels = [f"k{int(k)}" for k in ensemble.router_posterior(latents, 0.0).argmax(1)]
-    title = f"{'student' if args.student else strategy}  steps {args.steps or s.steps}  cfg {s.cfg_scale if args.cfg is None else args.cfg}"
-    out = save_grid(ensemble, latents, args.out or f"samples-{'student' if args.student else strategy}.png",
-                    labels=labels, title=title)
+    name = "student" if args.student else s.strategy
+    out = save_grid(ensemble, latents, args.out or f"samples-{name}.png", labels=labels,
+                    title=f"{name}  steps {s.steps}  cfg {s.cfg_scale}")
     print(out)
     return 0
 
 
+@_trust_hint
 def cmd_eval(args: argparse.Namespace) -> int:
     from worker.evaluate import evaluate, to_markdown
 
     store, config = open_run(args.run)
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
-    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log)
+    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log,
+                       inception=args.inception, allow_external_models=args.trust_remote_paths)
     print(json.dumps(results, indent=2) if args.json else to_markdown(results))
     return 0
 
 
+@_trust_hint
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
 
     store, config = open_run(args.run)
     out = Path(args.out) if args.out else default_report_dir(store, config)
-    print(write_report(store, config, out, run_eval=not args.no_eval))
+    print(write_report(store, config, out, run_eval=not args.no_eval, allow_external_models=args.trust_remote_paths))
     return 0
 
 
@@ -127,6 +144,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+FLAG_OF = {"strategy": "--strategy", "steps": "--steps", "solver": "--solver", "cfg_scale": "--cfg",
+           "top_k": "--k", "threshold": "--threshold", "nucleus_p": "--nucleus-p"}
+
+
+def sampling_with(base, flags: dict):
+    """The run's SamplingConfig with the given flags applied, validated by the config's rules; a bad value
+    is a usage error naming the flag (e.g. `--cfg nan`)."""
+    from worker.sampler import SamplerError, settings
+
+    try:
+        return settings(type(base), base, flags)
+    except SamplerError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise UsageError(f"{FLAG_OF.get(name, name)}{str(exc)[len(name):]}") from None
+
+
 def _positive(value: str) -> int:
     try:
         n = int(value)
@@ -137,11 +170,25 @@ def _positive(value: str) -> int:
     return n
 
 
+def add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-paths", action="store_true",
+                        help="let the run load models (VAE, text encoder) from paths or Hub ids outside its own "
+                             "folder, as its run.json / ensemble.json name them; only for runs you trust")
+
+
+def _grid_size(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_GRID_SAMPLES:
+        raise argparse.ArgumentTypeError(f"{n} is more than {MAX_GRID_SAMPLES} samples for one grid (use ddm eval)")
+    return n
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a labelled grid PNG from the gathered ensemble")
     p.add_argument("run", help="run store URI or path")
-    p.add_argument("--n", type=_positive, help="number of samples (default: min(sampling.num_samples, 64))")
-    p.add_argument("--strategy", choices=STRATEGY_CHOICES, help="inference strategy (default: sampling.strategy)")
+    p.add_argument("--n", type=_grid_size, help=f"number of samples, at most {MAX_GRID_SAMPLES} "
+                   "(default: min(sampling.num_samples, 64))")
+    p.add_argument("--strategy", choices=STRATEGIES, help="inference strategy (default: sampling.strategy)")
     p.add_argument("--k", type=_positive, help="experts kept by topk")
     p.add_argument("--threshold", type=float, help="posterior threshold for the threshold strategy")
     p.add_argument("--nucleus-p", type=float, help="mass kept by the nucleus strategy")
@@ -155,6 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", type=int, help="single strategy: the expert to use")
     p.add_argument("--student", action="store_true", help="sample the distilled dense student instead")
     p.add_argument("--out", help="output PNG (default: samples-<strategy>.png)")
+    add_trust_arg(p)
     p.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="offline evaluation table (strategies, GFLOPs, dataset metrics)")
@@ -163,12 +211,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--n", type=_positive, help="samples per strategy (default: eval.num_samples)")
     e.add_argument("--strategies", help="comma-separated (default: eval.strategies)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--inception", metavar="PATH", help="FID Inception-v3 weights, a state dict (.pth) loaded "
+                   "tensors-only (default: $DDM_INCEPTION_WEIGHTS; never downloaded)")
+    add_trust_arg(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="static HTML report (one file + PNGs)")
     r.add_argument("run")
     r.add_argument("--out", help="output folder (default: <run>/report for local runs, else reports/<name>)")
     r.add_argument("--no-eval", action="store_true", help="do not run the evaluation when eval/results.json is absent")
+    add_trust_arg(r)
     r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="write a self-contained ensemble folder (safetensors + JSON)")

@@ -248,13 +248,14 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
     train = runner.committed("train")
     missing = list(train.details.get("missing", [])) if train else []
     result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing)
-    ensemble = Ensemble.load(store)
+    # The VAE that decodes the preview is the one this driver's own config named (latents.model), not one
+    # read from an untrusted store, so it may live outside the run.
+    ensemble = Ensemble.load(store, allow_external_models=True)
     n = min(config.sampling.num_samples, 64)
     classes = [i % ensemble.num_classes for i in range(n)] if ensemble.num_classes else None
-    s = config.sampling
-    latents = ensemble.sample(n, strategy=s.strategy, steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale,
-                              classes=classes, seed=config.seed, top_k=s.top_k, threshold=s.threshold,
-                              nucleus_p=s.nucleus_p, expert=ensemble.present_ids[0] if s.strategy == "single" else None)
+    single = config.sampling.strategy == "single"
+    latents = ensemble.sample(n, config.sampling, classes=classes, seed=config.seed,
+                              expert=ensemble.present_ids[0] if single else None)
     grid = make_grid(ensemble.decode(latents), labels=[str(c) for c in classes] if classes else None,
                      title=f"{config.name}: {config.sampling.strategy}, cfg {config.sampling.cfg_scale}")
     buffer = io.BytesIO()

@@ -32,12 +32,19 @@ def _jsonl(store: RunStore, key: str) -> list[dict]:
     return [json.loads(line) for line in store.read_bytes(key).decode().splitlines() if line.strip()]
 
 
+def _file(out: Path, name: str) -> Path:
+    """`out / name` for a plain file name only: nothing a run store holds can write outside the report."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise ValueError(f"report file name {name!r}: must be a plain name inside {out}")
+    return out / name
+
+
 def _img(name: str, caption: str) -> str:
     return f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -51,13 +58,13 @@ def _clusters(store: RunStore, out: Path) -> str:
     parts = []
     for ref in manifest.images:
         name = Path(ref.path).name
-        (out / name).write_bytes(store.get_payload(ref))
-        if name.startswith("cluster_"):
-            k = int(name.removeprefix("cluster_").removesuffix(".png"))
-            parts.append(_img(name, f"cluster {k}: {manifest.sizes[k]:,} rows"))
+        _file(out, name).write_bytes(store.get_payload(ref))
+        k = name.removeprefix("cluster_").removesuffix(".png")
+        if name.startswith("cluster_") and k.isdigit() and int(k) < len(manifest.sizes):
+            parts.append(_img(name, f"cluster {k}: {manifest.sizes[int(k)]:,} rows"))
         else:
             parts.insert(0, _img(name, f"cluster sizes ({manifest.method}, {manifest.metric}, K = {manifest.num_experts})"))
-    return "".join(parts) or f"<p>Cluster sizes: {manifest.sizes} (the cluster stage recorded no pictures).</p>"
+    return "".join(parts) or f"<p>Cluster sizes: {html.escape(str(manifest.sizes))} (the cluster stage recorded no pictures).</p>"
 
 
 def _curves(store: RunStore, out: Path, K: int) -> str:
@@ -105,32 +112,32 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
     from worker.distill import load_student
     from worker.sampler import save_grid
 
-    s = config.sampling
-    common = dict(steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale, seed=config.seed)
+    s = config.sampling  # passed whole: every setting (threshold, nucleus_p, ...) reaches every grid
     classes = ensemble.classes_for(GRID_N, None)
     labels = None if classes is None else [str(int(c)) for c in classes]
     parts = ["<h3>Ensemble</h3>"]
     for strategy in dict.fromkeys(["top1", *config.eval.strategies]):
-        x = ensemble.sample(GRID_N, strategy=strategy, top_k=s.top_k, **common)
-        save_grid(ensemble, x, out / f"ensemble_{strategy}.png", labels=labels, title=strategy)
+        x = ensemble.sample(GRID_N, s, strategy=strategy, seed=config.seed)
+        save_grid(ensemble, x, _file(out, f"ensemble_{strategy}.png"), labels=labels, title=strategy)
         parts.append(_img(f"ensemble_{strategy}.png", f"ensemble, {strategy}"))
-    student = load_student(store)
+    student = load_student(store, ensemble.allow_external_models)
     if student is not None:
-        save_grid(student, student.sample(GRID_N, **common), out / "student.png", labels=labels, title="student")
+        x = student.sample(GRID_N, s, strategy="top1", seed=config.seed)
+        save_grid(student, x, _file(out, "student.png"), labels=labels, title="student")
         parts.append(_img("student.png", "distilled dense student"))
     parts.append("<h3>Each expert alone</h3>")
     for k in ensemble.present_ids:
-        x = ensemble.sample(16, strategy="single", expert=k, **common)
-        save_grid(ensemble, x, out / f"expert_{k:02d}.png", labels=labels[:16] if labels else None, title=f"expert {k}")
+        x = ensemble.sample(16, s, strategy="single", expert=k, seed=config.seed)
+        save_grid(ensemble, x, _file(out, f"expert_{k:02d}.png"), labels=labels[:16] if labels else None, title=f"expert {k}")
         parts.append(_img(f"expert_{k:02d}.png", f"expert {k} on every class"))
     return "".join(parts)
 
 
-def _eval(store: RunStore, config: RunConfig, run_eval: bool) -> str:
+def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool) -> str:
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 
-        evaluate(store, config)
+        evaluate(store, config, allow_external_models=allow_external_models)
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
@@ -143,7 +150,7 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool) -> str:
         fk = [k for k in fields if k != "t"]
         parts.append("<p>GMM: router and ensemble velocity against the closed forms, per t</p>")
         parts.append(_table([[t] + [fields[k][i] for k in fk] for i, t in enumerate(fields["t"])], ["t"] + fk))
-    parts += [f"<p>{html.escape(n)}</p>" for n in results.get("notes", [])]
+    parts += [f"<p>{html.escape(str(n))}</p>" for n in results.get("notes", [])]
     return "".join(parts)
 
 
@@ -153,27 +160,30 @@ img{image-rendering:pixelated;border:1px solid #ddd}table{border-collapse:collap
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"""
 
 
-def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True) -> Path:
-    """Render the report into `out`; returns the path of index.html."""
+def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True,
+                 allow_external_models: bool = False) -> Path:
+    """Render the report into `out` (every file it writes is a plain name inside it); returns index.html."""
     from worker.ensemble import Ensemble
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        return _render(store, config, out, run_eval, Ensemble.load(store))
+        ensemble = Ensemble.load(store, allow_external_models=allow_external_models)
+        return _render(store, config, out, run_eval, ensemble)
 
 
 def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensemble) -> Path:
     manifest: EnsembleManifest = ensemble.manifest
     missing = f"; missing experts {manifest.missing}" if manifest.missing else ""
-    body = [
+    summary = (f"{store.url}: {config.data.source}, K = {manifest.num_experts}{missing}, model "
+               f"{config.model.size}/{config.model.patch_size}, {config.training.duration_nimg:,} images per expert.")
+    body = [  # every string from the run store is escaped: a source name or a note is text, never markup
         f"<h1>DDM run {html.escape(config.name)}</h1>",
-        f"<p>{html.escape(store.url)}: {config.data.source}, K = {manifest.num_experts}{missing}, "
-        f"model {config.model.size}/{config.model.patch_size}, {config.training.duration_nimg:,} images per expert.</p>",
+        f"<p>{html.escape(summary)}</p>",
         "<h2>Clusters</h2>", _clusters(store, out),
         "<h2>Training</h2>", _curves(store, out, manifest.num_experts), _router(store, out),
         "<h2>Samples</h2>", _grids(store, config, out, ensemble),
-        "<h2>Evaluation</h2>", _eval(store, config, run_eval),
+        "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.allow_external_models),
     ]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>DDM {html.escape(config.name)}</title>" \
            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"

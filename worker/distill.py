@@ -91,7 +91,7 @@ def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfi
     return save_export(store, PREFIX, "student", "student", nimg, ema, {"loss": row["loss"], "nimg": float(nimg)})
 
 
-def load_student(store: RunStore) -> Ensemble | None:
+def load_student(store: RunStore, allow_external_models: bool = False) -> Ensemble | None:
     """The distilled student as a one-member ensemble (no router), or None when not distilled."""
     record = store.read_record(export_key(PREFIX), ExportRecord)
     if record is None:
@@ -103,4 +103,4 @@ def load_student(store: RunStore) -> Ensemble | None:
                             nimg=record.nimg)
     manifest = gathered.model_copy(update={"num_experts": 1, "experts": [member], "missing": [], "router": None})
     model = model_from_refs(store, "student", record.weights, record.model_config_file).requires_grad_(False)
-    return Ensemble(manifest, [model], None, store)
+    return Ensemble(manifest, [model], None, store, allow_external_models)

@@ -7,55 +7,118 @@ relative keys plus its own `ensemble.json`, so a folder loads exactly like a run
 
 from __future__ import annotations
 
-from common.errors import UsageError
-
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from common.config import StorageConfig
+from common.config import ModelLimits, SamplingConfig, StorageConfig
+from common.errors import UsageError
 from common.manifests import EnsembleManifest, EnsembleMember
 from common.storage import RunStore
 from worker.checkpoint import model_from_refs
-from worker.sampler import STRATEGIES, EnsembleVelocity, SamplerError, as_time, guided, posterior
+from worker.sampler import EnsembleVelocity, SamplerError, as_time, guided, posterior, settings
+
+# `sample` integrates at most SAMPLE_CHUNK trajectories at once (the solver's working memory: CFG doubles
+# the batch, attention is per row) and returns at most MAX_SAMPLE_BYTES of latents in one call.
+SAMPLE_CHUNK = 256
+MAX_SAMPLE_BYTES = 2 << 30
 
 
 class EnsembleError(UsageError, RuntimeError):
     """The ensemble cannot be loaded or used; one line naming the file or argument."""
 
 
-def load_member(store: RunStore, member: EnsembleMember, kind: str) -> torch.nn.Module:
-    """A member's verified payloads through the real `from_pretrained` path, frozen for inference."""
-    return model_from_refs(store, kind, member.weights, member.model_config_file).requires_grad_(False)
+class ExternalModelError(EnsembleError):
+    """A run names a model outside its own folder and the caller did not allow that."""
+
+
+def _local_root(store: RunStore) -> Path | None:
+    return Path(store.url.removeprefix("file://")).resolve() if store.protocol == "file" else None
+
+
+def model_location(store: RunStore, name: str | None, field: str, allow_external: bool = False,
+                   subfolder: str | None = None) -> str:
+    """Where to load a model that a run names (its VAE, its text encoder) from.
+
+    A run store or an export folder is untrusted input: by default a model must be a folder inside it
+    (a relative path, symlinks resolved). Any other local path or Hub id is loaded only when the caller
+    passes allow_external (the user's explicit trust in this run)."""
+    if not name:
+        raise EnsembleError(f"{field}: not set, so there is no model to load")
+    if allow_external:
+        return name
+    root = _local_root(store)
+    if root is not None and "://" not in name and not Path(name).is_absolute():
+        inside = (root / name / (subfolder or "")).resolve()
+        if inside.is_relative_to(root) and inside.is_dir():
+            return str((root / name).resolve())
+    raise ExternalModelError(f"{field} = {name!r}{f' (subfolder {subfolder!r})' if subfolder else ''} is not a "
+                             f"folder inside {store.url}; loading it needs allow_external_models=True")
+
+
+def load_member(store: RunStore, member: EnsembleMember, kind: str, allow_external: bool = False) -> torch.nn.Module:
+    """A member's verified payloads through the real `from_pretrained` path, frozen for inference.
+
+    Its sizes are bounded before allocation (worker/models/dit.py check_dims); a size outside those
+    limits, or a payload file that resolves outside the store's folder, is one EnsembleError."""
+    root = _local_root(store)
+    for ref in (member.weights, member.model_config_file):
+        if root is not None and not allow_external and not (root / ref.path).resolve().is_relative_to(root):
+            raise ExternalModelError(f"{ref.path}: resolves outside {store.url} (a symlink?); loading it needs "
+                                     f"allow_external_models=True")
+    try:
+        return model_from_refs(store, kind, member.weights, member.model_config_file).requires_grad_(False)
+    except (ValueError, TypeError) as exc:  # check_dims and the model's own checks: one line naming the file
+        raise EnsembleError(f"{member.model_config_file.path}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def check_manifest_sizes(manifest: EnsembleManifest, key: str) -> None:
+    """ensemble.json sizes used to allocate (the expert table, the noise) are bounded before use."""
+    if not 1 <= manifest.num_experts <= ModelLimits.num_experts:
+        raise EnsembleError(f"{key}: num_experts = {manifest.num_experts} is outside [1, {ModelLimits.num_experts}]")
+    shape = manifest.latent_shape
+    limits = (ModelLimits.in_channels, ModelLimits.input_side, ModelLimits.input_side)
+    if len(shape) != 3 or not all(1 <= d <= lim for d, lim in zip(shape, limits)):
+        raise EnsembleError(f"{key}: latent_shape = {shape} is not [channels, height, width] within "
+                            f"[{', '.join(f'1..{lim}' for lim in limits)}]")
 
 
 class Ensemble:
     """Experts (None where missing), router and the manifest they came from."""
 
     def __init__(self, manifest: EnsembleManifest, experts: Sequence[torch.nn.Module | None],
-                 router: torch.nn.Module | None, store: RunStore | None = None) -> None:
+                 router: torch.nn.Module | None, store: RunStore | None = None,
+                 allow_external_models: bool = False) -> None:
         self.manifest, self.experts, self.router, self.store = manifest, list(experts), router, store
+        self.allow_external_models = allow_external_models
         self.present = torch.tensor([e is not None for e in self.experts])
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None, device: str = "cpu",
-             key: str = "ensemble.json") -> "Ensemble":
+             key: str = "ensemble.json", allow_external_models: bool = False) -> "Ensemble":
+        """Experts and router from `key` in a run store or an exported folder.
+
+        Every model comes from inside that store unless `allow_external_models` (the VAE that decodes
+        latents is named in ensemble.json and is then loaded from wherever it says)."""
         store = uri_or_store if isinstance(uri_or_store, RunStore) else RunStore(str(uri_or_store), storage)
         manifest = store.read_record(key, EnsembleManifest)
         if manifest is None:
             raise EnsembleError(f"{store.url}/{key}: not committed (has the gather stage run?)")
+        check_manifest_sizes(manifest, key)
         experts: list[torch.nn.Module | None] = [None] * manifest.num_experts
         for member in manifest.experts:
             if not 0 <= member.expert < len(experts):
                 raise EnsembleError(f"ensemble.json: expert {member.expert} is outside 0..{len(experts) - 1}")
-            experts[member.expert] = load_member(store, member, "expert").to(device)
-        router = load_member(store, manifest.router, "router").to(device) if manifest.router else None
+            experts[member.expert] = load_member(store, member, "expert", allow_external_models).to(device)
+        router = (load_member(store, manifest.router, "router", allow_external_models).to(device)
+                  if manifest.router else None)
         if router is None and len(manifest.experts) > 1:
             raise EnsembleError(f"{store.url}/{key}: {len(manifest.experts)} experts but no router")
-        return cls(manifest, experts, router, store)
+        return cls(manifest, experts, router, store, allow_external_models)
 
     def export(self, directory: str | Path) -> Path:
         """A self-contained folder (safetensors + JSON + ensemble.json) that `Ensemble.load` reads."""
@@ -107,7 +170,8 @@ class Ensemble:
         if model.config.conditioning != "text":
             raise SamplerError(f"text: this run is not text-conditional (conditioning = {model.config.conditioning})")
         text = text.float().to(self.device)
-        return text.expand(n, *text.shape[-2:]).contiguous() if text.dim() == 2 or len(text) == 1 else text
+        # A view, not a copy: n copies of one prompt are materialised a chunk at a time by `sample`.
+        return text.expand(n, *text.shape[-2:]) if text.dim() == 2 or len(text) == 1 else text
 
     def oracle_prior(self, cond: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
         """Draw each sample's cluster from p(k) (cluster sizes) or p(k | class) (class counts)."""
@@ -140,17 +204,19 @@ class Ensemble:
         return log_p.T[cond.cpu()].to(self.device)                           # [B, K]
 
     # ---- inference --------------------------------------------------------------------------------
-    def velocity_field(self, strategy: str = "top1", *, cond: Tensor | None = None, cfg_scale: float = 1.0,
-                       top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9, fixed: Tensor | None = None,
-                       generator: torch.Generator | None = None) -> EnsembleVelocity:
-        experts = [None if e is None else guided(e, cfg_scale, e.null_class) for e in self.experts]
+    def velocity_field(self, sampling: SamplingConfig | str | None = None, *, cond: Tensor | None = None,
+                       fixed: Tensor | None = None, generator: torch.Generator | None = None,
+                       **overrides: Any) -> EnsembleVelocity:
+        """The guided ensemble velocity of `sampling` (a SamplingConfig or a strategy name; keyword overrides
+        such as cfg_scale=2.0 are validated like the config)."""
+        s = settings(SamplingConfig, sampling, overrides)
+        experts = [None if e is None else guided(e, s.cfg_scale, e.null_class) for e in self.experts]
         router = None
         if self.router is not None:  # a class-conditional router sees the same labels (all rows)
             routed_cond = cond if self.router.config.conditioning != "none" else None
             prior = self.class_log_prior(cond) if routed_cond is None and cond is not None else None
             router = lambda x, t: self.router(x, t, routed_cond) + (0 if prior is None else prior)  # noqa: E731
-        return EnsembleVelocity(experts, router, strategy, cond=cond, top_k=top_k, threshold=threshold,
-                                nucleus_p=nucleus_p, fixed=fixed, generator=generator)
+        return EnsembleVelocity(experts, router, s.routing, cond=cond, fixed=fixed, generator=generator)
 
     @torch.no_grad()
     def router_posterior(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -158,19 +224,18 @@ class Ensemble:
         return posterior(None if self.router is None else self.router, x, as_time(t, x), self.present)
 
     @torch.no_grad()
-    def velocity(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, strategy: str = "top1", *,
-                 cfg_scale: float = 1.0, top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9,
-                 oracle_cluster: Tensor | int | None = None, expert: int | None = None, seed: int = 0) -> Tensor:
-        fixed = self._fixed(strategy, x.shape[0], cond, oracle_cluster, expert, torch.Generator().manual_seed(seed))
-        field = self.velocity_field(strategy, cond=cond, cfg_scale=cfg_scale, top_k=top_k, threshold=threshold,
-                                    nucleus_p=nucleus_p, fixed=fixed, generator=torch.Generator().manual_seed(seed))
-        return field(x, t)
+    def velocity(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None,
+                 sampling: SamplingConfig | str | None = None, *, oracle_cluster: Tensor | int | None = None,
+                 expert: int | None = None, seed: int = 0, **overrides: Any) -> Tensor:
+        s = settings(SamplingConfig, sampling, overrides)
+        fixed = self._fixed(s.strategy, x.shape[0], cond, oracle_cluster, expert, torch.Generator().manual_seed(seed))
+        return self.velocity_field(s, cond=cond, fixed=fixed, generator=torch.Generator().manual_seed(seed))(x, t)
 
     def _fixed(self, strategy: str, n: int, cond: Tensor | None, oracle_cluster: Tensor | int | None,
                expert: int | None, generator: torch.Generator) -> Tensor | None:
         if strategy == "single":
             if expert is None:
-                raise SamplerError("strategy single: give the expert (--expert K)")
+                raise SamplerError("strategy single: give the expert index (expert=K)")
             return torch.full((n,), int(expert), device=self.device)
         if strategy == "oracle":
             if oracle_cluster is None:
@@ -179,26 +244,37 @@ class Ensemble:
         return None
 
     @torch.no_grad()
-    def sample(self, n: int, strategy: str = "top1", steps: int = 32, solver: str = "euler", cfg_scale: float = 1.0,
-               classes: int | Sequence[int] | Tensor | None = None, seed: int = 0, top_k: int = 2,
-               threshold: float = 0.1, nucleus_p: float = 0.9, oracle_cluster: Tensor | int | None = None,
-               expert: int | None = None, text: Tensor | None = None) -> Tensor:
-        """n latents [n, C, H, W] integrated from t = 1 (noise) to t = 0 with the chosen strategy.
+    def sample(self, n: int, sampling: SamplingConfig | str | None = None, *,
+               classes: int | Sequence[int] | Tensor | None = None, seed: int = 0,
+               oracle_cluster: Tensor | int | None = None, expert: int | None = None, text: Tensor | None = None,
+               chunk: int = SAMPLE_CHUNK, **overrides: Any) -> Tensor:
+        """n latents [n, C, H, W] integrated from t = 1 (noise) to t = 0.
 
+        `sampling`: a SamplingConfig (e.g. the run's `config.sampling`) or a strategy name; keyword overrides
+        (strategy, steps, solver, cfg_scale, top_k, threshold, nucleus_p) are validated like the config, so
+        `sample(16, strategy="top1", cfg_scale=2.0)` works. Trajectories run `chunk` at a time.
         `text`: token embeddings [L, D] or [n, L, D] of a prompt, for text-conditional runs."""
         from worker.flow import sample as integrate
 
-        if strategy not in STRATEGIES:
-            raise SamplerError(f"strategy = {strategy!r}: unknown; choose one of {', '.join(STRATEGIES)}")
-        if n < 1 or steps < 1:
-            raise SamplerError(f"n = {n}, steps = {steps}: both must be >= 1")
+        s = settings(SamplingConfig, sampling, overrides)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SamplerError(f"n = {n!r}: must be an integer >= 1")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise SamplerError(f"chunk = {chunk!r}: must be an integer >= 1")
+        row_bytes = 4 * math.prod(self.manifest.latent_shape)
+        if n * row_bytes > MAX_SAMPLE_BYTES:
+            raise SamplerError(f"n = {n:,}: {n * row_bytes / 2**30:.1f} GiB of latents; at most "
+                               f"{MAX_SAMPLE_BYTES // row_bytes:,} samples per call")
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn([n, *self.manifest.latent_shape], generator=generator).to(self.device)
+        latents = torch.randn([n, *self.manifest.latent_shape], generator=generator).to(self.device)
         cond = self.text_for(n, text) if text is not None else self.classes_for(n, classes)
-        fixed = self._fixed(strategy, n, cond, oracle_cluster, expert, generator)
-        field = self.velocity_field(strategy, cond=cond, cfg_scale=cfg_scale, top_k=top_k, threshold=threshold,
-                                    nucleus_p=nucleus_p, fixed=fixed, generator=generator)
-        return integrate(field, noise, steps=steps, solver=solver)
+        fixed = self._fixed(s.strategy, n, cond, oracle_cluster, expert, generator)
+        for start in range(0, n, chunk):  # each chunk is integrated in place of its noise
+            rows = slice(start, min(start + chunk, n))
+            field = self.velocity_field(s, cond=None if cond is None else cond[rows].contiguous(),
+                                        fixed=None if fixed is None else fixed[rows], generator=generator)
+            latents[rows] = integrate(field, latents[rows], steps=s.steps, solver=s.solver)
+        return latents
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images in [0, 1] [n, C, H, W]: the VAE when the run used latents, else pixels in [-1, 1]."""
@@ -206,7 +282,11 @@ class Ensemble:
         if settings.get("encoder", "identity") == "vae":
             from worker.encoders import decode_latents, load_vae
 
-            if getattr(self, "_vae", None) is None:  # loaded once, from the local path / id in the config
-                self._vae = load_vae(settings["model"], settings.get("subfolder"), self.device)
+            if getattr(self, "_vae", None) is None:  # loaded once, from inside the store unless allowed
+                if self.store is None:
+                    raise EnsembleError("decode: this ensemble was not loaded from a store, so its VAE is unknown")
+                where = model_location(self.store, settings.get("model"), "ensemble.json latents.model",
+                                       self.allow_external_models, settings.get("subfolder"))
+                self._vae = load_vae(where, settings.get("subfolder"), self.device)
             return ((decode_latents(self._vae, latents) + 1) / 2).cpu()
         return ((latents.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -164,14 +164,14 @@ def train_digit_classifier(seed: int = 0, epochs: int = 300) -> tuple[DigitClass
 
 
 # ---- FID (only with local Inception weights) ----------------------------------------------------------
-def inception_features(model_path: str, images: Tensor, batch: int = 64) -> np.ndarray:
-    """2048-d pool features from a local TorchScript Inception (NVlabs' inception-2015-12-05.pt)."""
-    model = torch.jit.load(model_path, map_location="cpu").eval()
+def inception_features(model: torch.nn.Module, images: Tensor, batch: int = 64) -> np.ndarray:
+    """2048-d pool features of images [N, C, H, W] in [0, 1] (worker/models/inception.py), quantised to
+    8 bits first as FID's reference images are."""
     out = []
     for chunk in images.split(batch):
-        u8 = (chunk.clamp(0, 1) * 255).round().to(torch.uint8)
-        if u8.shape[1] == 1:
-            u8 = u8.repeat(1, 3, 1, 1)
+        chunk = (chunk.float().clamp(0, 1) * 255).round() / 255
+        if chunk.shape[1] == 1:
+            chunk = chunk.repeat(1, 3, 1, 1)
         with torch.no_grad():
-            out.append(model(u8, return_features=True).double().numpy())
+            out.append(model(chunk).double().numpy())
     return np.concatenate(out)

@@ -6,7 +6,8 @@
   marginal velocity, per t (worker/evalmath.py), and sample quality vs the true mixture;
 - builtin:digits: class accuracy of class-conditional samples under a digit classifier trained on
   the bundled data (cached in the run store) and a Fréchet distance in its feature space;
-- other images: FID only with local Inception weights (config.eval.inception_path), never downloaded.
+- other images: FID only with local Inception-v3 weights given by the caller (`ddm eval --inception PATH` or
+  DDM_INCEPTION_WEIGHTS), loaded as a tensors-only state dict; never downloaded, never named by the run.
 Results go to `eval/results.json` and `eval/results.md` in the run store.
 """
 
@@ -16,6 +17,7 @@ from common.errors import DDMError
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,14 +26,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.config import RunConfig
+from common.config import STRATEGIES, RunConfig, SamplingConfig
 from common.manifests import DatasetManifest, FileRef, Record, RunRecord
 from common.storage import RunStore
 from worker.ensemble import Ensemble
 from worker.evalmath import (GMM, DigitClassifier, digits_data, frechet_distance, inception_features, mmd_rbf,
                              mode_coverage, sliced_wasserstein, train_digit_classifier)
-from worker.sampler import STRATEGIES
 
+INCEPTION_ENV = "DDM_INCEPTION_WEIGHTS"
 FLOP_BATCH = 8  # samples per FLOP count: the count is exact per sample, a small batch suffices
 FLOP_STEPS = 4
 
@@ -54,24 +56,18 @@ def run_config(store: RunStore) -> RunConfig:
     return RunConfig.model_validate(record.config)
 
 
-def sampling_kwargs(config: RunConfig, strategy: str) -> dict[str, Any]:
-    s = config.sampling
-    return dict(strategy=strategy, steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale, top_k=s.top_k,
-                threshold=s.threshold, nucleus_p=s.nucleus_p)
-
-
-def gflops_per_sample(ensemble: Ensemble, kwargs: dict[str, Any], seed: int) -> float:
+def gflops_per_sample(ensemble: Ensemble, sampling: SamplingConfig, seed: int) -> float:
     """Measured forward FLOPs of one sampling trajectory per sample (router included).
 
     The counter's per-op overhead is large on CPU, so it runs a trajectory of at most FLOP_STEPS
     steps and scales by the number of velocity evaluations (Euler: steps, Heun: 2 steps - 1); for
     adaptive strategies (threshold, nucleus) this samples the expert count along a shorter path.
     """
-    steps = kwargs["steps"]
+    steps = sampling.steps
     counted = min(steps, FLOP_STEPS)
-    evals = (lambda s: 2 * s - 1) if kwargs["solver"] == "heun" else (lambda s: s)
+    evals = (lambda s: 2 * s - 1) if sampling.solver == "heun" else (lambda s: s)
     with FlopCounterMode(display=False) as counter:
-        ensemble.sample(FLOP_BATCH, seed=seed, **{**kwargs, "steps": counted})
+        ensemble.sample(FLOP_BATCH, sampling, steps=counted, seed=seed)
     return counter.get_total_flops() / FLOP_BATCH / 1e9 * evals(steps) / evals(counted)
 
 
@@ -164,12 +160,20 @@ class GMMJudge:
 
 # ---- FID -------------------------------------------------------------------------------------------
 class FIDJudge:
-    def __init__(self, path: str, real_images: torch.Tensor) -> None:
-        self.path = path
-        self.real = inception_features(path, real_images)
+    def __init__(self, model: torch.nn.Module, real_images: torch.Tensor) -> None:
+        self.model = model
+        self.real = inception_features(model, real_images)
 
     def __call__(self, latents: torch.Tensor, model: Ensemble, classes: torch.Tensor | None) -> dict[str, float]:
-        return {"fid": round(frechet_distance(self.real, inception_features(self.path, model.decode(latents))), 3)}
+        return {"fid": round(frechet_distance(self.real, inception_features(self.model, model.decode(latents))), 3)}
+
+
+def fid_weights(path: str | None) -> str | None:
+    """The FID weights the caller names: the argument, else DDM_INCEPTION_WEIGHTS; never the run's config."""
+    path = path or os.environ.get(INCEPTION_ENV) or None
+    if path is not None and not Path(path).is_file():
+        raise EvalError(f"inception = {path!r}: no such file")
+    return path
 
 
 def real_images(store: RunStore, dataset: DatasetManifest, ensemble: Ensemble, n: int) -> torch.Tensor:
@@ -187,12 +191,16 @@ def real_images(store: RunStore, dataset: DatasetManifest, ensemble: Ensemble, n
 
 # ---- the whole evaluation ----------------------------------------------------------------------------
 def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int | None = None,
-             strategies: list[str] | None = None, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
+             strategies: list[str] | None = None, seed: int = 0, log: Callable[[str], None] = lambda s: None,
+             inception: str | None = None, allow_external_models: bool = False) -> dict:
+    """`inception`: FID Inception-v3 weights (a state dict) for image runs, else DDM_INCEPTION_WEIGHTS.
+    `allow_external_models`: see `Ensemble.load` (the VAE named by the run)."""
     config = config or run_config(store)
+    inception = fid_weights(inception)
     dataset = store.read_record("data/dataset.json", DatasetManifest)
     if dataset is None:
         raise EvalError(f"{store.url}/data/dataset.json: not committed")
-    ensemble = Ensemble.load(store)
+    ensemble = Ensemble.load(store, allow_external_models=allow_external_models)
     n = num_samples or config.eval.num_samples
     strategies = strategies or list(config.eval.strategies)
     unknown = [s for s in strategies if s not in STRATEGIES or s == "single"]
@@ -208,27 +216,32 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
         judge = GMMJudge(store, dataset, seed)
         log("gmm: router posterior and velocity errors over t")
         results["gmm_fields"] = judge.field_errors(ensemble, config.eval.t_grid, seed)
-    elif config.eval.inception_path and Path(config.eval.inception_path).is_file():
-        judge = FIDJudge(config.eval.inception_path, real_images(store, dataset, ensemble, n))
+    elif inception is not None:
+        from worker.models.inception import load_fid_inception
+
+        try:
+            model = load_fid_inception(inception)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
+        judge = FIDJudge(model, real_images(store, dataset, ensemble, n))
     else:
-        where = config.eval.inception_path or "unset"
-        results["notes"].append(f"FID skipped: eval.inception_path ({where}) is not a local file; set it to a "
-                                f"TorchScript Inception (inception-2015-12-05.pt), which is never downloaded")
+        results["notes"].append(f"FID skipped: no Inception-v3 weights given (inception argument or {INCEPTION_ENV}; "
+                                f"a state dict, never downloaded)")
     if judge is not None:
         results["reference"] = getattr(judge, "reference", {})
 
     models: list[tuple[str, Ensemble, str]] = [(s, ensemble, s) for s in strategies]
     from worker.distill import load_student  # the dense student (paper §3.6) sits beside the ensemble
 
-    student = load_student(store)
+    student = load_student(store, allow_external_models)
     if student is not None:
         models.append(("student (dense)", student, "top1"))
     classes = ensemble.classes_for(n, None)
     for name, model, strategy in models:
         log(f"sampling {n} with {name}")
-        kwargs = sampling_kwargs(config, strategy)
-        latents = model.sample(n, classes=classes, seed=seed, **kwargs)
-        row: dict[str, Any] = {"strategy": name, "gflops_per_sample": round(gflops_per_sample(model, kwargs, seed), 4)}
+        sampling = config.sampling.model_copy(update={"strategy": strategy})
+        latents = model.sample(n, sampling, classes=classes, seed=seed)
+        row: dict[str, Any] = {"strategy": name, "gflops_per_sample": round(gflops_per_sample(model, sampling, seed), 4)}
         if judge is not None:
             row.update(judge(latents, model, classes))
         results["rows"].append(row)

@@ -21,23 +21,45 @@ forward per row plus the router, whatever K is.
 
 from __future__ import annotations
 
-from common.errors import UsageError
-
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import Tensor
+
+from common.config import STRATEGIES, RoutingConfig, short_value
+from common.errors import UsageError
 
 # (x[B, ...], t[B], cond[B] | None) -> velocity[B, ...]
 VelocityFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 # (x[B, ...], t[B]) -> logits[B, K]
 RouterFn = Callable[[Tensor, Tensor], Tensor]
 
-STRATEGIES = ("top1", "topk", "full", "sample", "threshold", "nucleus", "oracle", "single")
-
 
 class SamplerError(UsageError, ValueError):
     """Bad sampling arguments, phrased as one line."""
+
+
+def settings(cls: type[RoutingConfig], base: RoutingConfig | str | None, overrides: dict[str, Any]) -> Any:
+    """`base` (a config of type `cls`, a strategy name, or None for the defaults) with keyword overrides,
+    validated by the config's own rules: a bad value is one SamplerError naming the parameter."""
+    if isinstance(base, str):
+        overrides = {"strategy": base, **overrides}
+        base = None
+    if base is not None and not isinstance(base, BaseModel):
+        raise SamplerError(f"sampling settings: expected a {cls.__name__} or a strategy name, got {type(base).__name__}")
+    if base is not None and not overrides and isinstance(base, cls):
+        return base
+    data = {k: v for k, v in (base.model_dump() if base is not None else {}).items() if k in cls.model_fields}
+    try:
+        return cls.model_validate({**data, **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or cls.__name__
+        if first["type"] == "extra_forbidden":
+            raise SamplerError(f"{name}: not a sampling parameter; known: {', '.join(cls.model_fields)}") from None
+        raise SamplerError(f"{name} = {short_value(first.get('input'))}: "
+                           f"{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def as_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -124,17 +146,13 @@ def mixture_velocity(x: Tensor, t: Tensor, cond: Tensor | None, experts: Sequenc
 class EnsembleVelocity:
     """The velocity field of one strategy, callable by a flow solver as fn(x, t)."""
 
-    def __init__(self, experts: Sequence[VelocityFn | None], router: RouterFn | None, strategy: str = "top1", *,
-                 cond: Tensor | None = None, top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9,
-                 fixed: Tensor | None = None, generator: torch.Generator | None = None) -> None:
-        if strategy not in STRATEGIES:
-            raise SamplerError(f"strategy {strategy!r}: unknown; choose one of {', '.join(STRATEGIES)}")
-        if strategy == "topk" and top_k < 1:
-            raise SamplerError(f"top_k = {top_k}: must be >= 1")
-        if strategy == "nucleus" and not 0 < nucleus_p <= 1:
-            raise SamplerError(f"nucleus_p = {nucleus_p}: must be in (0, 1]")
-        if strategy == "threshold" and not 0 <= threshold <= 1:
-            raise SamplerError(f"threshold = {threshold}: must be in [0, 1]")
+    def __init__(self, experts: Sequence[VelocityFn | None], router: RouterFn | None,
+                 routing: RoutingConfig | str = "top1", *, cond: Tensor | None = None, fixed: Tensor | None = None,
+                 generator: torch.Generator | None = None, **overrides: Any) -> None:
+        """`routing`: a RoutingConfig (or SamplingConfig), or a strategy name; keyword overrides (top_k,
+        threshold, nucleus_p) are validated by the same config rules."""
+        routing = settings(RoutingConfig, routing, overrides)
+        strategy, top_k, threshold, nucleus_p = routing.strategy, routing.top_k, routing.threshold, routing.nucleus_p
         self.experts = list(experts)
         self.present = torch.tensor([e is not None for e in self.experts])
         if fixed is not None:

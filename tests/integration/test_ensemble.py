@@ -109,9 +109,9 @@ def test_bad_arguments_are_one_line_errors(digits_store):
     config, store = digits_store
     gather(config, store)
     ensemble = Ensemble.load(store.url)
-    with pytest.raises(SamplerError, match="--class 12: out of range"):
+    with pytest.raises(SamplerError, match="classes: label 12: out of range"):
         ensemble.sample(2, classes=12, steps=1)
-    with pytest.raises(SamplerError, match="--strategy best"):
+    with pytest.raises(SamplerError, match="strategy = \"best\""):
         ensemble.sample(2, strategy="best", steps=1)
     with pytest.raises(SamplerError, match="give the expert"):
         ensemble.sample(2, strategy="single", steps=1)

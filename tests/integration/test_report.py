@@ -101,7 +101,7 @@ def test_sample_export_and_bad_usage(trained_digits, tmp_path, capsys):
     assert main(["export", trained_digits, str(tmp_path / "exp")]) == 2  # not empty
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 5 and all(e.startswith("error: ") for e in errors), errors
-    assert "--class 11: out of range [0, 9]" in errors[0] and "no run.json" in errors[1]
+    assert "classes: label 11: out of range [0, 9]" in errors[0] and "no run.json" in errors[1]
     assert main(["sample", str(tmp_path / "exp"), "--n", "4", "--steps", "2"]) == 2  # a folder has no run.json
 
 

@@ -38,7 +38,11 @@ def test_text_conditional_run_samples_from_a_prompt(ray_session, tiny_models, tm
     assert not torch.equal(ensemble.sample(text=red, **kwargs), ensemble.sample(text=blue, **kwargs))
 
     out = tmp_path / "prompt.png"
-    assert main(["sample", config.run_uri, "--prompt", "a red circle", "--n", "4", "--steps", "2", "--out", str(out)]) == 0
+    prompt = ["sample", config.run_uri, "--prompt", "a red circle", "--n", "4", "--steps", "2", "--out", str(out)]
+    capsys.readouterr()
+    assert main(prompt) == 2  # the text encoder lives outside the run: loading it is the user's explicit call
+    assert capsys.readouterr().err.strip().endswith("needs allow_external_models=True (--trust-remote-paths)")
+    assert main([*prompt, "--trust-remote-paths"]) == 0
     assert Image.open(out).size[0] > 0
     capsys.readouterr()
     assert main(["sample", config.run_uri, "--class", "1", "--n", "2", "--steps", "2", "--out", str(out)]) == 2

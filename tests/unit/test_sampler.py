@@ -132,7 +132,7 @@ def test_cfg_is_applied_inside_each_expert_in_one_batched_call():
 
 
 def test_bad_strategy_and_arguments_are_one_line_errors():
-    with pytest.raises(SamplerError, match="strategy 'best'"):
+    with pytest.raises(SamplerError, match='strategy = "best"'):
         EnsembleVelocity([], None, "best")
     with pytest.raises(SamplerError, match="nucleus_p"):
         EnsembleVelocity([], None, "nucleus", nucleus_p=0.0)

@@ -13,8 +13,6 @@ Conditioning (one shared embedder produces c = emb(t) + emb(cond) for every bloc
 
 from __future__ import annotations
 
-from common.config import ConfigError
-
 import math
 
 import numpy as np
@@ -24,15 +22,46 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from common.config import ModelConfig
+from common.config import MODEL_SIZES, ConfigError, ModelConfig, ModelLimits
 
-DIT_SIZES = {
-    "tiny": dict(width=64, depth=4, heads=4),
-    "S": dict(width=384, depth=12, heads=6),
-    "B": dict(width=768, depth=12, heads=12),
-    "L": dict(width=1024, depth=24, heads=16),
-    "XL": dict(width=1152, depth=28, heads=16),
-}
+DIT_SIZES = MODEL_SIZES  # the presets live with the config so that it can check them before any run
+
+
+def check_dims(in_channels: int, input_size: tuple[int, int], patch_size: int, width: int, depth: int, heads: int,
+               mlp_ratio: float, num_classes: int | None, text_dim: int | None, extra_params: int = 0) -> None:
+    """Refuse sizes outside ModelLimits (ConfigError) before anything is allocated: a config.json read from a run or an
+    export folder is untrusted, and `from_pretrained` would otherwise build whatever it asks for."""
+    ints = {"in_channels": (in_channels, ModelLimits.in_channels), "patch_size": (patch_size, ModelLimits.patch_size),
+            "width": (width, ModelLimits.width), "depth": (depth, ModelLimits.depth),
+            "heads": (heads, ModelLimits.heads)}
+    if len(input_size) != 2:
+        raise ConfigError(f"input_size = {list(input_size)}: expected [height, width]")
+    ints.update({"input_size": (input_size[0], ModelLimits.input_side), "input_size[1]": (input_size[1], ModelLimits.input_side)})
+    if num_classes is not None:
+        ints["num_classes"] = (num_classes, ModelLimits.num_classes)
+    if text_dim is not None:
+        ints["text_dim"] = (text_dim, ModelLimits.text_dim)
+    for name, (value, limit) in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ConfigError(f"{name} = {value!r}: must be an integer in [1, {limit:,}]")
+    if not (isinstance(mlp_ratio, (int, float)) and 0 < mlp_ratio <= ModelLimits.mlp_ratio):
+        raise ConfigError(f"mlp_ratio = {mlp_ratio!r}: must be in (0, {ModelLimits.mlp_ratio}]")
+    tokens = (input_size[0] // patch_size) * (input_size[1] // patch_size)
+    if tokens > ModelLimits.tokens:
+        raise ConfigError(f"input_size {input_size[0]}x{input_size[1]} / patch_size {patch_size} = {tokens:,} tokens; "
+                         f"at most {ModelLimits.tokens:,}")
+    params = parameter_estimate(in_channels, patch_size, width, depth, mlp_ratio, num_classes, text_dim) + extra_params
+    if params > ModelLimits.parameters:
+        raise ConfigError(f"width {width} x depth {depth} is about {params:,.0f} parameters; at most "
+                         f"{ModelLimits.parameters:,}")
+
+
+def parameter_estimate(in_channels: int, patch_size: int, width: int, depth: int, mlp_ratio: float,
+                       num_classes: int | None, text_dim: int | None) -> int:
+    """Parameters of a DiT, to the leading terms: per block qkv + proj + MLP + adaLN (6 D^2 + ...)."""
+    per_block = (4 + 2 * mlp_ratio + 6) * width * width
+    embeds = 2 * patch_size * patch_size * in_channels * width + (num_classes or 0) * width + (text_dim or 0) * width
+    return int(depth * per_block + embeds + 256 * width + 4 * width * width)
 
 
 # ---- primitives ------------------------------------------------------------------------------------
@@ -121,6 +150,7 @@ class DiTTrunk(nn.Module):
     def __init__(self, in_channels: int, input_size: tuple[int, int], patch_size: int, width: int, depth: int,
                  heads: int, mlp_ratio: float, conditioning: str, num_classes: int | None, text_dim: int | None) -> None:
         super().__init__()
+        check_dims(in_channels, input_size, patch_size, width, depth, heads, mlp_ratio, num_classes, text_dim)
         H, W = input_size
         if H % patch_size or W % patch_size:
             raise ConfigError(f"model.patch_size = {patch_size} does not divide the input size {H}x{W}")
@@ -230,13 +260,7 @@ def dit_forward_flops(width: int, depth: int, input_size, patch_size: int, chann
 
 def resolve_size(model: ModelConfig) -> dict:
     """The preset of `model.size` with any explicit width/depth/heads overrides applied."""
-    if model.size not in DIT_SIZES:
-        raise ConfigError(f"model.size = {model.size!r}: unknown; known: {', '.join(DIT_SIZES)}")
-    dims = dict(DIT_SIZES[model.size])
-    for key in ("width", "depth", "heads"):
-        if getattr(model, key) is not None:
-            dims[key] = getattr(model, key)
-    return dims
+    return model.dims()
 
 
 def build_dit(model: ModelConfig, latent_shape: list[int], num_classes: int | None, text_dim: int | None) -> DiT:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from common.config import ModelConfig
+from common.config import ConfigError, ModelConfig, ModelLimits
 from worker.flow import interpolate
 from worker.models.dit import DiTTrunk, dit_forward_flops, resolve_size
 
@@ -28,6 +28,8 @@ class Router(ModelMixin, ConfigMixin):
                  width: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, num_experts: int = 2,
                  conditioning: str = "none", num_classes: int | None = None, text_dim: int | None = None) -> None:
         super().__init__()
+        if not isinstance(num_experts, int) or not 1 <= num_experts <= ModelLimits.num_experts:
+            raise ConfigError(f"num_experts = {num_experts!r}: must be an integer in [1, {ModelLimits.num_experts:,}]")
         self.trunk = DiTTrunk(in_channels, tuple(input_size), patch_size, width, depth, heads, mlp_ratio,
                               conditioning, num_classes, text_dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
