@@ -42,23 +42,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from worker.sampler import save_grid
 
     store, config = open_run(args.run)
+    device = _device(args)
     s = config.sampling
     if args.student:
-        ensemble = load_student(store)
+        ensemble = load_student(store, device=device)
         if ensemble is None:
             raise UsageError(f"{args.run}: no student/export.json (run `ddm distill {args.run}` first)")
     else:
-        ensemble = Ensemble.load(store)
+        ensemble = Ensemble.load(store, device=device)
     text = None
     if args.prompt is not None:
         if config.model.conditioning != "text" or config.text.encoder == "none":
             raise UsageError(f"--prompt: {args.run} is not text-conditional (model.conditioning = "
                              f"{config.model.conditioning}); use --class for class-conditional runs")
-        import torch
-
         from worker.encoders import ClipText
 
-        text = ClipText(config.text.model, config.text.max_length, torch.device("cpu"))([args.prompt])[1]  # [1, L, D]
+        text = ClipText(config.text.model, config.text.max_length, device)([args.prompt])[1]  # [1, L, D]
     strategy = "top1" if args.student else (args.strategy or s.strategy)
     n = args.n or min(s.num_samples, 64)
     latents = ensemble.sample(n, strategy=strategy, steps=args.steps or s.steps, solver=args.solver or s.solver,
@@ -86,7 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store, config = open_run(args.run)
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
-    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log)
+    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log,
+                       device=_device(args))
     print(json.dumps(results, indent=2) if args.json else to_markdown(results))
     return 0
 
@@ -96,7 +96,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     store, config = open_run(args.run)
     out = Path(args.out) if args.out else default_report_dir(store, config)
-    print(write_report(store, config, out, run_eval=not args.no_eval))
+    print(write_report(store, config, out, run_eval=not args.no_eval, device=_device(args)))
     return 0
 
 
@@ -122,9 +122,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     store, config = open_run(args.run)
     dc = DistillConfig(duration_nimg=args.nimg, batch=args.batch, lr=args.lr, seed=args.seed)
-    record = distill(config, store, dc, log=lambda m: print(m, file=sys.stderr))
+    record = distill(config, store, dc, log=lambda m: print(m, file=sys.stderr), device=_device(args))
     print(f"student: {record.nimg} images, exported to {store.url}/student/export.json")
     return 0
+
+
+def _device(args: argparse.Namespace):
+    """--device as a torch.device; cuda where none is visible is bad usage, named with the node."""
+    from worker.devices import DeviceError, resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the models run (default auto: CUDA when visible, else CPU)")
 
 
 def _positive(value: str) -> int:
@@ -155,6 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", type=int, help="single strategy: the expert to use")
     p.add_argument("--student", action="store_true", help="sample the distilled dense student instead")
     p.add_argument("--out", help="output PNG (default: samples-<strategy>.png)")
+    _add_device(p)
     p.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="offline evaluation table (strategies, GFLOPs, dataset metrics)")
@@ -163,12 +179,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--n", type=_positive, help="samples per strategy (default: eval.num_samples)")
     e.add_argument("--strategies", help="comma-separated (default: eval.strategies)")
     e.add_argument("--seed", type=int, default=0)
+    _add_device(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="static HTML report (one file + PNGs)")
     r.add_argument("run")
     r.add_argument("--out", help="output folder (default: <run>/report for local runs, else reports/<name>)")
     r.add_argument("--no-eval", action="store_true", help="do not run the evaluation when eval/results.json is absent")
+    _add_device(r)
     r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="write a self-contained ensemble folder (safetensors + JSON)")
@@ -182,6 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch", type=_positive, help="images per step (default: training.global_batch)")
     d.add_argument("--lr", type=float)
     d.add_argument("--seed", type=int, default=0)
+    _add_device(d)
     d.set_defaults(func=cmd_distill)
 
 

@@ -114,7 +114,7 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
         x = ensemble.sample(GRID_N, strategy=strategy, top_k=s.top_k, **common)
         save_grid(ensemble, x, out / f"ensemble_{strategy}.png", labels=labels, title=strategy)
         parts.append(_img(f"ensemble_{strategy}.png", f"ensemble, {strategy}"))
-    student = load_student(store)
+    student = load_student(store, device=ensemble.device)
     if student is not None:
         save_grid(student, student.sample(GRID_N, **common), out / "student.png", labels=labels, title="student")
         parts.append(_img("student.png", "distilled dense student"))
@@ -126,11 +126,11 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
     return "".join(parts)
 
 
-def _eval(store: RunStore, config: RunConfig, run_eval: bool) -> str:
+def _eval(store: RunStore, config: RunConfig, run_eval: bool, device: torch.device) -> str:
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 
-        evaluate(store, config)
+        evaluate(store, config, device=device)
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
@@ -153,14 +153,15 @@ img{image-rendering:pixelated;border:1px solid #ddd}table{border-collapse:collap
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"""
 
 
-def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True) -> Path:
-    """Render the report into `out`; returns the path of index.html."""
+def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True,
+                 device: str | torch.device = "auto") -> Path:
+    """Render the report into `out`, sampling on `device` ("auto": CUDA when visible); returns index.html."""
     from worker.ensemble import Ensemble
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        return _render(store, config, out, run_eval, Ensemble.load(store))
+        return _render(store, config, out, run_eval, Ensemble.load(store, device=device))
 
 
 def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensemble) -> Path:
@@ -173,7 +174,7 @@ def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensem
         "<h2>Clusters</h2>", _clusters(store, out),
         "<h2>Training</h2>", _curves(store, out, manifest.num_experts), _router(store, out),
         "<h2>Samples</h2>", _grids(store, config, out, ensemble),
-        "<h2>Evaluation</h2>", _eval(store, config, run_eval),
+        "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.device),
     ]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>DDM {html.escape(config.name)}</title>" \
            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"

@@ -19,6 +19,7 @@ from common.config import StorageConfig
 from common.manifests import EnsembleManifest, EnsembleMember
 from common.storage import RunStore
 from worker.checkpoint import model_from_refs
+from worker.devices import resolve_device
 from worker.sampler import STRATEGIES, EnsembleVelocity, SamplerError, as_time, guided, posterior
 
 
@@ -41,8 +42,10 @@ class Ensemble:
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None, device: str = "cpu",
-             key: str = "ensemble.json") -> "Ensemble":
+    def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None,
+             device: str | torch.device = "auto", key: str = "ensemble.json") -> "Ensemble":
+        """device: "auto" (CUDA when visible, else CPU), "cpu", "cuda" or a torch.device."""
+        device = resolve_device(device) if isinstance(device, str) else device
         store = uri_or_store if isinstance(uri_or_store, RunStore) else RunStore(str(uri_or_store), storage)
         manifest = store.read_record(key, EnsembleManifest)
         if manifest is None:
