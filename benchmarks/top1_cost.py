@@ -129,7 +129,7 @@ def main() -> None:
             print(json.dumps({"bench": "top1_cost", **rows[-1]}), flush=True)
     if args.jsonl:
         return
-    print(f"| case | device | batch | K | ms/step single | ms/step top-1 | time ratio | GFLOPs single | GFLOPs top-1 | FLOP ratio |")
+    print("| case | device | batch | K | ms/step single | ms/step top-1 | time ratio | GFLOPs single | GFLOPs top-1 | FLOP ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['device']} | {r['batch']} | {r['K']} | {r['ms_per_step_single']} | {r['ms_per_step_top1']} "

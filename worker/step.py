@@ -55,9 +55,24 @@ def wrap_for_training(model: nn.Module, device: torch.device, tc: TrainingConfig
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if bf16_grads if bf16_grads is not None else (device.type == "cuda" and tc.precision == "bf16"):
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            net.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            net.register_comm_hook(None, bf16_all_reduce)
     return net, (torch.compile(net) if wants_compile(tc.compile, device) else net)
+
+
+def bf16_all_reduce(group, bucket):  # no annotations: DDP checks them, and they are strings in this module
+    """DDP comm hook (process group, dist.GradBucket) -> Future[Tensor]: each gradient bucket is divided by
+    the world size, all-reduced as bf16 (half the bytes of fp32) and written back into the fp32 bucket.
+    Works with NCCL and gloo alike."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def write_back(done: torch.futures.Future) -> Tensor:
+        buffer.copy_(done.value()[0])
+        return buffer
+    return future.then(write_back)
 
 
 @torch.no_grad()
