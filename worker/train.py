@@ -37,7 +37,7 @@ from worker.models.dit import build_dit
 from worker.models.router import build_router, calibration_metrics, router_loss
 from worker.step import StepParts, make_optimizer, train_step, wrap_for_training
 
-__all__ = ["TrainJob", "expert_job", "router_job", "train", "load_export", "job_store"]
+__all__ = ["TrainJob", "expert_job", "router_job", "train", "load_export", "job_store", "objective", "step_draws"]
 log = logging.getLogger(__name__)
 
 
@@ -99,12 +99,21 @@ def _build(job: TrainJob, data: TrainData) -> torch.nn.Module:
     return build_dit(job.model, data.latent_shape, data.num_classes, data.text_dim)
 
 
-def _objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps, drop) -> tuple[torch.Tensor, dict | None]:
+def objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps, drop) -> tuple[torch.Tensor, dict | None]:
+    """Per-example loss [n] of one micro-batch (and the router's calibration stats)."""
     cond = {"class": batch["labels"], "text": batch.get("text")}.get(job.model.conditioning)
     cond = drop_condition(cond, drop, null_class)
     if job.kind == "router":
         return router_loss(model, batch["x0"], eps, t, batch["cluster"], cond)
     return flow_matching_loss(model, batch["x0"], eps, t, cond), None
+
+
+def step_draws(job: TrainJob, shape: list[int], gen: torch.Generator, device: torch.device):
+    """Every random draw of one step, for the whole effective batch: t [B], eps [B, C, H, W], label drop [B]."""
+    t = sample_t(job.batch, job.training.timestep_sampling, gen, device)
+    eps = torch.randn([job.batch, *shape], generator=gen, device=device)
+    drop = torch.rand(job.batch, generator=gen, device=device) < job.model.label_dropout
+    return t, eps, drop
 
 
 def _crossed(nimg: int, batch: int, every: int | None) -> bool:
@@ -122,7 +131,7 @@ def _micro_batch(job: TrainJob, model: torch.nn.Module, data: TrainData, device:
                  "cluster": torch.zeros(mb, dtype=torch.long, device=device),
                  "text": None if data.text_dim is None else torch.zeros(mb, data.text_tokens.shape[1], data.text_dim, device=device)}
         with autocast(device, job.training.precision):
-            loss, _ = _objective(job, model, model.config.num_classes, batch, torch.full((mb,), 0.5, device=device),
+            loss, _ = objective(job, model, model.config.num_classes, batch, torch.full((mb,), 0.5, device=device),
                                  torch.ones_like(batch["x0"]), torch.zeros(mb, dtype=torch.bool, device=device))
         loss.sum().backward()
         model.zero_grad(set_to_none=True)
@@ -162,13 +171,11 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     meter = _Meter(job, model, device, rank, nimg)
     for batch in prefetch(data, DataOrder(data.rows, job.seed), nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
-        t = sample_t(job.batch, tc.timestep_sampling, gen, device)[pos]                     # [n]
-        eps = torch.randn([job.batch, *shape], generator=gen, device=device)[pos]           # [n, C, H, W]
-        drop = (torch.rand(job.batch, generator=gen, device=device) < job.model.label_dropout)[pos]
+        t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
 
         def micro(fwd, m: int):  # micro-batch m of this step
             sl = slice(m * mb, (m + 1) * mb)
-            return _objective(job, fwd, null, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
+            return objective(job, fwd, null, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
         lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
         train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
         nimg, step = nimg + job.batch, step + 1
