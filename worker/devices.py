@@ -18,9 +18,11 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from common.errors import DDMError
 
-class DeviceError(RuntimeError):
-    """A requested accelerator is not there; one line naming what asked for it and the node."""
+
+class DeviceError(DDMError, RuntimeError):
+    """A requested accelerator is not there; one line naming what asked for it and the node (exit 1)."""
 
 
 def resolve_device(preference: str = "auto", what: str = "--device") -> torch.device:

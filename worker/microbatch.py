@@ -11,7 +11,7 @@ nothing to probe: the configured micro-batch is kept.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

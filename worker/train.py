@@ -13,6 +13,7 @@ from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_ke
 
 import argparse
 import copy
+import functools
 import io
 import json
 import logging
@@ -116,6 +117,12 @@ def step_draws(job: TrainJob, shape: list[int], gen: torch.Generator, device: to
     return t, eps, drop
 
 
+def _micro_batch_loss(job: TrainJob, null: int | None, mb: int, batch: dict, t, eps, drop, fwd, m: int):
+    """`objective` on micro-batch m of this worker's rows of a step."""
+    sl = slice(m * mb, (m + 1) * mb)
+    return objective(job, fwd, null, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
+
+
 def _crossed(nimg: int, batch: int, every: int | None) -> bool:
     return bool(every) and nimg // every != (nimg - batch) // every
 
@@ -172,10 +179,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     for batch in prefetch(data, DataOrder(data.rows, job.seed), nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
         t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
-
-        def micro(fwd, m: int):  # micro-batch m of this step
-            sl = slice(m * mb, (m + 1) * mb)
-            return objective(job, fwd, null, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
+        micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
         lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
         train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
         nimg, step = nimg + job.batch, step + 1
