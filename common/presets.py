@@ -90,10 +90,14 @@ def _paper(name: str, source: str, batch: int, conditioning: str) -> RunConfig:
         text=TextConfig(encoder="clip" if conditioning == "text" else "none", model="openai/clip-vit-large-patch14"),
         clustering=ClusteringConfig(num_experts=8, num_fine_centroids=1024, fit_sample=50_000),
         model=ModelConfig(size="XL", patch_size=2, conditioning=conditioning),  # type: ignore[arg-type]
+        # compile "auto": torch.compile on CUDA (what benchmarks/train_throughput.py --suite h200 measures),
+        # eager elsewhere; fp32 matmuls use TF32 (training.tf32, on by default).
         training=TrainingConfig(global_batch=batch, duration_nimg=batch // 8 * 800_000, lr=1e-4, ema_decay=0.9999,
-                                ema_warmup=False, checkpoint_every_nimg=1_000_000, log_every_nimg=51_200),
+                                ema_warmup=False, checkpoint_every_nimg=1_000_000, log_every_nimg=51_200,
+                                compile="auto"),
         router=RouterConfig(model=ModelConfig(size="B", patch_size=2, conditioning="none", label_dropout=0.0),
-                            training=TrainingConfig(global_batch=256, duration_nimg=256 * 200_000, lr=1e-4)),
+                            training=TrainingConfig(global_batch=256, duration_nimg=256 * 200_000, lr=1e-4,
+                                                    compile="auto")),
         islands=IslandsConfig(pool=[
             IslandConfig(name="h100x8", resources={"island-h100x8": 1.0}, num_workers=8, use_gpu=True,
                          accelerator_type="H100", cpus_per_worker=8, speed=8.0),

@@ -58,25 +58,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     flags = {"strategy": "top1" if args.student else args.strategy, "steps": args.steps, "solver": args.solver,
              "cfg_scale": args.cfg, "top_k": args.k, "threshold": args.threshold, "nucleus_p": args.nucleus_p}
     s = sampling_with(config.sampling, {k: v for k, v in flags.items() if v is not None})  # before any loading
-    trust = args.trust_remote_paths
+    trust, device = args.trust_remote_paths, _device(args)
     if args.student:
-        ensemble = load_student(store, allow_external_models=trust)
+        ensemble = load_student(store, allow_external_models=trust, device=device)
         if ensemble is None:
             raise UsageError(f"{args.run}: no student/export.json (run `ddm distill {args.run}` first)")
     else:
-        ensemble = Ensemble.load(store, allow_external_models=trust)
+        ensemble = Ensemble.load(store, device=device, allow_external_models=trust)
     text = None
     if args.prompt is not None:
         if config.model.conditioning != "text" or config.text.encoder == "none":
             raise UsageError(f"--prompt: {args.run} is not text-conditional (model.conditioning = "
                              f"{config.model.conditioning}); use --class for class-conditional runs")
-        import torch
-
         from worker.encoders import ClipText
         from worker.ensemble import model_location
 
         where = model_location(store, config.text.model, "text.model", trust)
-        text = ClipText(where, config.text.max_length, torch.device("cpu"))([args.prompt])[1]  # [1, L, D]
+        text = ClipText(where, config.text.max_length, device)([args.prompt])[1]  # [1, L, D]
     n = args.n or min(s.num_samples, 64)
     latents = ensemble.sample(n, s, classes=args.klass, seed=args.seed, oracle_cluster=args.cluster,
                               expert=args.expert, text=text)
@@ -102,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
     results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log,
-                       inception=args.inception, allow_external_models=args.trust_remote_paths)
+                       inception=args.inception, allow_external_models=args.trust_remote_paths, device=_device(args))
     print(json.dumps(results, indent=2) if args.json else to_markdown(results))
     return 0
 
@@ -113,7 +111,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     store, config = open_run(args.run)
     out = Path(args.out) if args.out else default_report_dir(store, config)
-    print(write_report(store, config, out, run_eval=not args.no_eval, allow_external_models=args.trust_remote_paths))
+    print(write_report(store, config, out, run_eval=not args.no_eval, allow_external_models=args.trust_remote_paths,
+                       device=_device(args)))
     return 0
 
 
@@ -139,7 +138,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     store, config = open_run(args.run)
     dc = DistillConfig(duration_nimg=args.nimg, batch=args.batch, lr=args.lr, seed=args.seed)
-    record = distill(config, store, dc, log=lambda m: print(m, file=sys.stderr))
+    record = distill(config, store, dc, log=lambda m: print(m, file=sys.stderr), device=_device(args))
     print(f"student: {record.nimg} images, exported to {store.url}/student/export.json")
     return 0
 
@@ -158,6 +157,21 @@ def sampling_with(base, flags: dict):
     except SamplerError as exc:
         name = str(exc).split(" ", 1)[0]
         raise UsageError(f"{FLAG_OF.get(name, name)}{str(exc)[len(name):]}") from None
+
+
+def _device(args: argparse.Namespace):
+    """--device as a torch.device; cuda where none is visible is bad usage, named with the node."""
+    from worker.devices import DeviceError, resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the models run (default auto: CUDA when visible, else CPU)")
 
 
 def _positive(value: str) -> int:
@@ -203,6 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", action="store_true", help="sample the distilled dense student instead")
     p.add_argument("--out", help="output PNG (default: samples-<strategy>.png)")
     add_trust_arg(p)
+    _add_device(p)
     p.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="offline evaluation table (strategies, GFLOPs, dataset metrics)")
@@ -214,6 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--inception", metavar="PATH", help="FID Inception-v3 weights, a state dict (.pth) loaded "
                    "tensors-only (default: $DDM_INCEPTION_WEIGHTS; never downloaded)")
     add_trust_arg(e)
+    _add_device(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="static HTML report (one file + PNGs)")
@@ -221,6 +237,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="output folder (default: <run>/report for local runs, else reports/<name>)")
     r.add_argument("--no-eval", action="store_true", help="do not run the evaluation when eval/results.json is absent")
     add_trust_arg(r)
+    _add_device(r)
     r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="write a self-contained ensemble folder (safetensors + JSON)")
@@ -234,6 +251,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch", type=_positive, help="images per step (default: training.global_batch)")
     d.add_argument("--lr", type=float)
     d.add_argument("--seed", type=int, default=0)
+    _add_device(d)
     d.set_defaults(func=cmd_distill)
 
 

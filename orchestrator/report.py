@@ -120,7 +120,7 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
         x = ensemble.sample(GRID_N, s, strategy=strategy, seed=config.seed)
         save_grid(ensemble, x, _file(out, f"ensemble_{strategy}.png"), labels=labels, title=strategy)
         parts.append(_img(f"ensemble_{strategy}.png", f"ensemble, {strategy}"))
-    student = load_student(store, ensemble.allow_external_models)
+    student = load_student(store, ensemble.allow_external_models, device=ensemble.device)
     if student is not None:
         x = student.sample(GRID_N, s, strategy="top1", seed=config.seed)
         save_grid(student, x, _file(out, "student.png"), labels=labels, title="student")
@@ -133,11 +133,12 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
     return "".join(parts)
 
 
-def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool) -> str:
+def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool,
+          device: torch.device) -> str:
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 
-        evaluate(store, config, allow_external_models=allow_external_models)
+        evaluate(store, config, allow_external_models=allow_external_models, device=device)
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
@@ -161,14 +162,15 @@ td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{b
 
 
 def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True,
-                 allow_external_models: bool = False) -> Path:
-    """Render the report into `out` (every file it writes is a plain name inside it); returns index.html."""
+                 allow_external_models: bool = False, device: str | torch.device = "auto") -> Path:
+    """Render the report into `out` (every file it writes is a plain name inside it), sampling on `device`
+    ("auto": CUDA when visible); returns index.html."""
     from worker.ensemble import Ensemble
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        ensemble = Ensemble.load(store, allow_external_models=allow_external_models)
+        ensemble = Ensemble.load(store, device=device, allow_external_models=allow_external_models)
         return _render(store, config, out, run_eval, ensemble)
 
 
@@ -183,7 +185,7 @@ def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensem
         "<h2>Clusters</h2>", _clusters(store, out),
         "<h2>Training</h2>", _curves(store, out, manifest.num_experts), _router(store, out),
         "<h2>Samples</h2>", _grids(store, config, out, ensemble),
-        "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.allow_external_models),
+        "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.allow_external_models, ensemble.device),
     ]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>DDM {html.escape(config.name)}</title>" \
            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"

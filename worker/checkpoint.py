@@ -46,14 +46,21 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": json.dumps(sd["param_groups"])}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, data: bytes) -> None:
+def _load_optimizer(opt: torch.optim.Optimizer, data: bytes, where: str) -> None:
+    """Restore the optimizer's state (moments, step counts) only. The construction options of the
+    optimizer built by this process (fused/foreach, lr, betas, weight_decay) stay: a checkpoint written
+    on CPU (foreach) resumes on GPU with fused AdamW, and a changed config takes effect."""
     header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
-    groups = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["param_groups"])
+    saved = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["param_groups"])
+    current = opt.state_dict()["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in current]:
+        raise ValueError(f"{where}: optimizer has parameter groups of sizes {[len(g['params']) for g in saved]}, "
+                         f"the model being resumed {[len(g['params']) for g in current]}")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in st_load(data).items():
         _, i, name = key.split(".", 2)
         state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    opt.load_state_dict({"state": state, "param_groups": current})
 
 
 def checkpoint_records(store: RunStore, prefix: str) -> list[str]:
@@ -147,7 +154,7 @@ def load_checkpoint(store: RunStore, record: CheckpointRecord, model: nn.Module,
     model_sd, ema_sd, state = (st_load(data[n]) for n in ("model.safetensors", "ema.safetensors", "state.safetensors"))
     model.load_state_dict(model_sd)
     ema.load_state_dict(ema_sd)
-    _load_optimizer(opt, data["optimizer.safetensors"])
+    _load_optimizer(opt, data["optimizer.safetensors"], files["optimizer.safetensors"].path)
     torch.set_rng_state(state["rng.cpu"])
     if "rng.cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng.cuda"])

@@ -24,9 +24,12 @@ from common.manifests import EnsembleManifest, EnsembleMember, ExportRecord
 from common.storage import RunStore
 from worker.checkpoint import model_from_refs, save_export
 from worker.data import load_partition, mix_seed
+from worker.devices import autocast, configure_numerics, resolve_device
 from worker.ensemble import Ensemble
 from worker.flow import drop_condition, interpolate, sample_t
 from worker.models.dit import build_dit
+from worker.sampler import routed_velocity
+from worker.step import make_optimizer
 
 PREFIX = "student"
 
@@ -42,20 +45,25 @@ class DistillConfig(BaseModel):
 
 
 def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfig(),
-            log: Callable[[str], None] = lambda s: None) -> ExportRecord:
-    """Train the student against the gathered experts and commit `student/export.json`."""
+            log: Callable[[str], None] = lambda s: None, device: str | torch.device = "auto") -> ExportRecord:
+    """Train the student against the gathered experts and commit `student/export.json`.
+
+    Every random draw is made on the CPU from (seed, nimg), so the student is the same on any device up
+    to kernel numerics; the teacher and the student run on `device` ("auto": CUDA when visible)."""
     tc = config.training
     end, batch, lr = dc.duration_nimg or tc.duration_nimg, dc.batch or tc.global_batch, dc.lr or tc.lr
-    teacher = Ensemble.load(store)
+    device = resolve_device(device) if isinstance(device, str) else device
+    configure_numerics(tc.tf32, tc.deterministic)
+    teacher = Ensemble.load(store, device=device)
     data = load_partition(store, "router/manifest.json", "router")  # every row + its cluster label
     keep = teacher.present[data.cluster]  # rows of missing experts have no teacher: left out
     latents, cluster = data.latents[keep], data.cluster[keep]
     labels = data.labels[keep]
     text = data.text_tokens[keep] if data.text_tokens is not None else None
     torch.manual_seed(dc.seed)
-    student = build_dit(config.model, data.latent_shape, data.num_classes, data.text_dim).train()
+    student = build_dit(config.model, data.latent_shape, data.num_classes, data.text_dim).to(device).train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(student, tc.model_copy(update={"lr": lr}), device)
     null = student.null_class
     nimg, step, t0, losses = 0, 0, time.perf_counter(), []
     while nimg < end:
@@ -66,12 +74,12 @@ def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfi
         x_t = interpolate(x0, torch.randn(x0.shape, generator=g), t)          # [B, C, H, W]
         cond = {"class": labels[idx], "text": None if text is None else text[idx]}.get(config.model.conditioning)
         cond = drop_condition(cond, torch.rand(batch, generator=g) < config.model.label_dropout, null)
-        with torch.no_grad():  # the target: the velocity of each example's own cluster expert
-            target = torch.zeros_like(x_t)
-            for e in k.unique().tolist():
-                rows = (k == e).nonzero().squeeze(1)
-                target[rows] = teacher.experts[e](x_t[rows], t[rows], None if cond is None else cond[rows])
-        loss = (student(x_t, t, cond) - target).square().mean()
+        x_t, t, k = x_t.to(device), t.to(device), k.to(device)
+        cond = None if cond is None else cond.to(device)
+        with torch.no_grad(), autocast(device, tc.precision):  # the target: each example's own cluster expert
+            target = routed_velocity(x_t, t, cond, teacher.experts, k).float()
+        with autocast(device, tc.precision):
+            loss = (student(x_t, t, cond).float() - target).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -91,7 +99,8 @@ def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfi
     return save_export(store, PREFIX, "student", "student", nimg, ema, {"loss": row["loss"], "nimg": float(nimg)})
 
 
-def load_student(store: RunStore, allow_external_models: bool = False) -> Ensemble | None:
+def load_student(store: RunStore, allow_external_models: bool = False,
+                 device: str | torch.device = "auto") -> Ensemble | None:
     """The distilled student as a one-member ensemble (no router), or None when not distilled."""
     record = store.read_record(export_key(PREFIX), ExportRecord)
     if record is None:
@@ -103,4 +112,5 @@ def load_student(store: RunStore, allow_external_models: bool = False) -> Ensemb
                             nimg=record.nimg)
     manifest = gathered.model_copy(update={"num_experts": 1, "experts": [member], "missing": [], "router": None})
     model = model_from_refs(store, "student", record.weights, record.model_config_file).requires_grad_(False)
+    model = model.to(resolve_device(device) if isinstance(device, str) else device)
     return Ensemble(manifest, [model], None, store, allow_external_models)

@@ -19,6 +19,7 @@ from common.errors import UsageError
 from common.manifests import EnsembleManifest, EnsembleMember
 from common.storage import RunStore
 from worker.checkpoint import model_from_refs
+from worker.devices import resolve_device
 from worker.sampler import EnsembleVelocity, SamplerError, as_time, guided, posterior, settings
 
 # `sample` integrates at most SAMPLE_CHUNK trajectories at once (the solver's working memory: CFG doubles
@@ -98,12 +99,15 @@ class Ensemble:
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None, device: str = "cpu",
-             key: str = "ensemble.json", allow_external_models: bool = False) -> "Ensemble":
-        """Experts and router from `key` in a run store or an exported folder.
+    def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None,
+             device: str | torch.device = "auto", key: str = "ensemble.json",
+             allow_external_models: bool = False) -> "Ensemble":
+        """Experts and router from `key` in a run store or an exported folder, on `device` ("auto": CUDA
+        when visible, else CPU; "cpu", "cuda" or a torch.device).
 
         Every model comes from inside that store unless `allow_external_models` (the VAE that decodes
         latents is named in ensemble.json and is then loaded from wherever it says)."""
+        device = resolve_device(device) if isinstance(device, str) else device
         store = uri_or_store if isinstance(uri_or_store, RunStore) else RunStore(str(uri_or_store), storage)
         manifest = store.read_record(key, EnsembleManifest)
         if manifest is None:

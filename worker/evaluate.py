@@ -145,14 +145,14 @@ class GMMJudge:
             tt = torch.full((n,), float(t))
             p_comp = self.gmm.posterior(xt, tt)                               # [n, components]
             p_true = torch.zeros(n, K, dtype=torch.float64).index_add_(1, self.cluster_of_component, p_comp)
-            x_in = xt.float().view(n, *self.latent_shape)
-            p_router = ensemble.router_posterior(x_in, tt).double()
+            x_in, t_in = xt.float().view(n, *self.latent_shape).to(ensemble.device), tt.to(ensemble.device)
+            p_router = ensemble.router_posterior(x_in, t_in).double().cpu()
             u = self.gmm.velocity(xt, tt)                                     # exact marginal velocity, eq. 7
             rows["t"].append(t)
             rows["router_tv"].append(round(float(0.5 * (p_router - p_true).abs().sum(1).mean()), 4))
             rows["router_top1_agree"].append(round(float((p_router.argmax(1) == p_true.argmax(1)).double().mean()), 4))
             for strategy in ("full", "top1"):
-                v = ensemble.velocity(x_in, tt, strategy=strategy).flatten(1).double()
+                v = ensemble.velocity(x_in, t_in, strategy=strategy).flatten(1).double().cpu()
                 rel = ((v - u) ** 2).sum(1).mean() / (u**2).sum(1).mean()
                 rows[f"velocity_rel_err_{strategy}"].append(round(float(rel), 4))
         return rows
@@ -192,15 +192,17 @@ def real_images(store: RunStore, dataset: DatasetManifest, ensemble: Ensemble, n
 # ---- the whole evaluation ----------------------------------------------------------------------------
 def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int | None = None,
              strategies: list[str] | None = None, seed: int = 0, log: Callable[[str], None] = lambda s: None,
-             inception: str | None = None, allow_external_models: bool = False) -> dict:
-    """`inception`: FID Inception-v3 weights (a state dict) for image runs, else DDM_INCEPTION_WEIGHTS.
+             inception: str | None = None, allow_external_models: bool = False,
+             device: str | torch.device = "auto") -> dict:
+    """Sample every strategy on `device` ("auto": CUDA when visible) and score the samples on the CPU.
+    `inception`: FID Inception-v3 weights (a state dict) for image runs, else DDM_INCEPTION_WEIGHTS.
     `allow_external_models`: see `Ensemble.load` (the VAE named by the run)."""
     config = config or run_config(store)
     inception = fid_weights(inception)
     dataset = store.read_record("data/dataset.json", DatasetManifest)
     if dataset is None:
         raise EvalError(f"{store.url}/data/dataset.json: not committed")
-    ensemble = Ensemble.load(store, allow_external_models=allow_external_models)
+    ensemble = Ensemble.load(store, device=device, allow_external_models=allow_external_models)
     n = num_samples or config.eval.num_samples
     strategies = strategies or list(config.eval.strategies)
     unknown = [s for s in strategies if s not in STRATEGIES or s == "single"]
@@ -233,7 +235,7 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
     models: list[tuple[str, Ensemble, str]] = [(s, ensemble, s) for s in strategies]
     from worker.distill import load_student  # the dense student (paper §3.6) sits beside the ensemble
 
-    student = load_student(store, allow_external_models)
+    student = load_student(store, allow_external_models, device=ensemble.device)
     if student is not None:
         models.append(("student (dense)", student, "top1"))
     classes = ensemble.classes_for(n, None)

@@ -9,6 +9,12 @@ router posterior into sparse per-row expert weights w[B, K] (rows sum to 1) and 
 sum_k w[:, k] * v_k, running expert k ONLY on the rows with w[:, k] > 0. So top-1 costs one expert
 forward per row plus the router, whatever K is.
 
+The one-expert-per-row strategies (top1, sample, oracle, single) dispatch through `routed_velocity`: one
+stable sort of the rows by expert per step and one host sync (the K row counts), then each expert runs on
+a contiguous slice. On CUDA the slices are padded to a few bucket sizes, so a compiled or graph-captured
+expert sees a handful of shapes rather than one per routing outcome; on CPU they are exact, and the result
+is bit-identical to the general weighted path.
+
     top1       argmax_k p(k | x_t, t), re-chosen at every step (the paper's best; the default)
     topk       the k most probable experts, weights renormalised
     full       all experts weighted by the posterior: eq. 7 exactly
@@ -34,6 +40,9 @@ from common.errors import UsageError
 VelocityFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 # (x[B, ...], t[B]) -> logits[B, K]
 RouterFn = Callable[[Tensor, Tensor], Tensor]
+
+ONE_EXPERT_PER_ROW = ("top1", "sample", "oracle", "single")
+
 
 
 class SamplerError(UsageError, ValueError):
@@ -97,21 +106,29 @@ def posterior(router: RouterFn | None, x: Tensor, t: Tensor, present: Tensor) ->
     return logits.softmax(dim=-1)
 
 
+def expert_choice(p: Tensor | None, strategy: str, *, fixed: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """The one expert of each row [B] for the ONE_EXPERT_PER_ROW strategies (p[B, K] unused by oracle/single)."""
+    if strategy in ("oracle", "single"):
+        if fixed is None:
+            raise SamplerError(f"strategy {strategy}: needs the expert of each sample")
+        return fixed
+    if strategy == "top1":
+        return p.argmax(-1)
+    if strategy == "sample":
+        return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+    raise SamplerError(f"strategy {strategy!r}: not a one-expert-per-row strategy")
+
+
 def expert_weights(p: Tensor, strategy: str, *, top_k: int = 2, threshold: float = 0.1, nucleus_p: float = 0.9,
                    fixed: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Sparse mixing weights w[B, K] (rows sum to 1) from the posterior p[B, K]."""
     B, K = p.shape
-    if strategy in ("oracle", "single"):
-        if fixed is None:
-            raise SamplerError(f"strategy {strategy}: needs the expert of each sample")
-        return torch.nn.functional.one_hot(fixed.to(p.device), K).to(p.dtype)
+    if strategy in ONE_EXPERT_PER_ROW:
+        chosen = expert_choice(p, strategy, fixed=fixed, generator=generator)
+        return torch.nn.functional.one_hot(chosen.to(p.device), K).to(p.dtype)
     if strategy == "full":
         return p
-    if strategy == "top1":
-        return torch.nn.functional.one_hot(p.argmax(-1), K).to(p.dtype)
-    if strategy == "sample":
-        drawn = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
-        return torch.nn.functional.one_hot(drawn, K).to(p.dtype)
     if strategy == "topk":
         keep = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(min(top_k, K), dim=-1).indices, True)
     elif strategy == "threshold":
@@ -143,14 +160,53 @@ def mixture_velocity(x: Tensor, t: Tensor, cond: Tensor | None, experts: Sequenc
     return v
 
 
+def bucket_size(n: int) -> int:
+    """n rounded up to one of 4 sizes per octave (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...): at most 25% padding,
+    about 4 log2(B) distinct shapes."""
+    if n <= 8:
+        return 8
+    step = 1 << max(0, n.bit_length() - 3)  # a quarter of the octave [2^(b-1), 2^b) holding n
+    return -(-n // step) * step
+
+
+def routed_velocity(x: Tensor, t: Tensor, cond: Tensor | None, experts: Sequence[VelocityFn | None],
+                    chosen: Tensor, bucket: bool | None = None) -> Tensor:
+    """v[i] = v_{chosen[i]}(x[i]): rows sorted by expert once, each expert on its contiguous slice.
+
+    One host sync per call (the per-expert row counts, needed for the slice shapes), not one per expert.
+    `bucket` (default: on CUDA) pads each slice to `bucket_size` rows, repeating the last row; the padded
+    rows are computed and dropped."""
+    B = x.shape[0]
+    bucket = x.is_cuda if bucket is None else bucket
+    order = torch.argsort(chosen, stable=True)                    # rows grouped by expert, ascending within
+    counts = torch.bincount(chosen, minlength=len(experts)).tolist()  # the one host sync of the step
+    if len(counts) > len(experts):
+        raise SamplerError(f"expert {len(counts) - 1}: not in this ensemble of {len(experts)}")
+    xs, ts, cs = x[order], t[order], None if cond is None else cond[order]
+    outs, start = [], 0
+    for k, n in enumerate(counts):
+        if n == 0:
+            continue
+        if experts[k] is None:
+            raise SamplerError(f"expert {k} is missing but received weight")
+        size = bucket_size(n) if bucket else n
+        rows = slice(start, start + n) if size == n else (start + torch.arange(size, device=x.device)).clamp_max(B - 1)
+        outs.append(experts[k](xs[rows], ts[rows], None if cs is None else cs[rows])[:n])
+        start += n
+    v = torch.empty_like(x)
+    v[order] = torch.cat(outs).to(x.dtype)
+    return v
+
+
 class EnsembleVelocity:
     """The velocity field of one strategy, callable by a flow solver as fn(x, t)."""
 
     def __init__(self, experts: Sequence[VelocityFn | None], router: RouterFn | None,
                  routing: RoutingConfig | str = "top1", *, cond: Tensor | None = None, fixed: Tensor | None = None,
-                 generator: torch.Generator | None = None, **overrides: Any) -> None:
+                 generator: torch.Generator | None = None, bucket: bool | None = None, **overrides: Any) -> None:
         """`routing`: a RoutingConfig (or SamplingConfig), or a strategy name; keyword overrides (top_k,
-        threshold, nucleus_p) are validated by the same config rules."""
+        threshold, nucleus_p) are validated by the same config rules. `bucket` (default: on CUDA) pads the
+        per-expert slices of one-expert-per-row strategies to a few sizes (`routed_velocity`)."""
         routing = settings(RoutingConfig, routing, overrides)
         strategy, top_k, threshold, nucleus_p = routing.strategy, routing.top_k, routing.threshold, routing.nucleus_p
         self.experts = list(experts)
@@ -162,18 +218,26 @@ class EnsembleVelocity:
                                    f"{[k for k, e in enumerate(self.experts) if e is not None]})")
         self.router, self.strategy, self.cond, self.fixed, self.generator = router, strategy, cond, fixed, generator
         self.options = dict(top_k=top_k, threshold=threshold, nucleus_p=nucleus_p)
-        self.calls = 0
+        self.bucket, self.calls = bucket, 0
+
+    def _posterior(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.present.device != x.device:  # once, not a host-to-device copy every step
+            self.present = self.present.to(x.device)
+        return posterior(self.router, x, t, self.present)
 
     def weights(self, x: Tensor, t: Tensor) -> Tensor:
         if self.strategy in ("oracle", "single"):  # no router call: the expert is fixed
             return expert_weights(torch.zeros(x.shape[0], len(self.experts), device=x.device), self.strategy,
                                   fixed=self.fixed)
-        p = posterior(self.router, x, t, self.present)
-        return expert_weights(p, self.strategy, generator=self.generator, **self.options)
+        return expert_weights(self._posterior(x, t), self.strategy, generator=self.generator, **self.options)
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         self.calls += 1
         t = as_time(t, x)
+        if self.strategy in ONE_EXPERT_PER_ROW:
+            p = None if self.strategy in ("oracle", "single") else self._posterior(x, t)
+            chosen = expert_choice(p, self.strategy, fixed=self.fixed, generator=self.generator)
+            return routed_velocity(x, t, self.cond, self.experts, chosen.to(x.device), self.bucket)
         return mixture_velocity(x, t, self.cond, self.experts, self.weights(x, t))
 
 

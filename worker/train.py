@@ -13,12 +13,12 @@ from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_ke
 
 import argparse
 import copy
+import functools
 import io
 import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from typing import Callable, Literal
 
 import torch
@@ -30,12 +30,15 @@ from common.manifests import ExpertManifest, ExportRecord, RouterManifest
 from common.storage import RunStore, ScopedStore, open_store
 from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export
 from worker.data import DataOrder, TrainData, load_partition, mix_seed, prefetch, worker_positions
+from worker.devices import autocast, check_training_device, configure_numerics, training_device
 from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
 from worker.metrics import matmul_tflops, report_progress
+from worker.microbatch import agree, choose_micro_batch
 from worker.models.dit import build_dit
 from worker.models.router import build_router, calibration_metrics, router_loss
+from worker.step import StepParts, make_optimizer, train_step, wrap_for_training
 
-__all__ = ["TrainJob", "expert_job", "router_job", "train", "load_export", "job_store"]
+__all__ = ["TrainJob", "expert_job", "router_job", "train", "load_export", "job_store", "objective", "step_draws"]
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +53,7 @@ class TrainJob(BaseModel):
     training: TrainingConfig
     batch: int = Field(..., ge=1, description="Effective images per optimizer step (all workers, all micro-batches).")
     micro_batch: int = Field(..., ge=1, description="Images per worker per forward pass; accumulation fills the gap.")
+    auto_micro_batch: bool = Field(False, description="On CUDA, lower micro_batch to the largest divisor that fits (a probe).")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     seed: int = 0
@@ -68,7 +72,7 @@ def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
     batch = config.expert_batch
     return TrainJob(name=job_name(k), kind="expert", prefix=expert_prefix(k),
                     manifest_key=manifest_key(expert_prefix(k)), model=config.model, training=config.training,
-                    batch=batch, micro_batch=island.per_worker_batch or batch // island.num_workers,
+                    batch=batch, micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 100 + k),
                     island=island.name, num_experts=config.clustering.num_experts)
 
@@ -77,7 +81,7 @@ def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
     batch = config.router.training.global_batch
     return TrainJob(name=ROUTER, kind="router", prefix=ROUTER, manifest_key=manifest_key(ROUTER),
                     model=config.router.model, training=config.router.training, batch=batch,
-                    micro_batch=island.per_worker_batch or batch // island.num_workers,
+                    micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 99),
                     island=island.name, num_experts=config.clustering.num_experts)
 
@@ -96,7 +100,8 @@ def _build(job: TrainJob, data: TrainData) -> torch.nn.Module:
     return build_dit(job.model, data.latent_shape, data.num_classes, data.text_dim)
 
 
-def _objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps, drop) -> tuple[torch.Tensor, dict | None]:
+def objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps, drop) -> tuple[torch.Tensor, dict | None]:
+    """Per-example loss [n] of one micro-batch (and the router's calibration stats)."""
     cond = {"class": batch["labels"], "text": batch.get("text")}.get(job.model.conditioning)
     cond = drop_condition(cond, drop, null_class)
     if job.kind == "router":
@@ -104,15 +109,43 @@ def _objective(job: TrainJob, model, null_class: int | None, batch: dict, t, eps
     return flow_matching_loss(model, batch["x0"], eps, t, cond), None
 
 
+def step_draws(job: TrainJob, shape: list[int], gen: torch.Generator, device: torch.device):
+    """Every random draw of one step, for the whole effective batch: t [B], eps [B, C, H, W], label drop [B]."""
+    t = sample_t(job.batch, job.training.timestep_sampling, gen, device)
+    eps = torch.randn([job.batch, *shape], generator=gen, device=device)
+    drop = torch.rand(job.batch, generator=gen, device=device) < job.model.label_dropout
+    return t, eps, drop
+
+
+def _micro_batch_loss(job: TrainJob, null: int | None, mb: int, batch: dict, t, eps, drop, fwd, m: int):
+    """`objective` on micro-batch m of this worker's rows of a step."""
+    sl = slice(m * mb, (m + 1) * mb)
+    return objective(job, fwd, null, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
+
+
 def _crossed(nimg: int, batch: int, every: int | None) -> bool:
     return bool(every) and nimg // every != (nimg - batch) // every
 
 
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, tc: TrainingConfig) -> None:
-    # Warmup (1 + step) / (10 + step) lets short runs use the EMA; the paper uses a flat 0.9999.
-    decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def _micro_batch(job: TrainJob, model: torch.nn.Module, data: TrainData, device: torch.device, world: int) -> int:
+    """job.micro_batch, or with auto_micro_batch on CUDA the largest that a forward + backward probe fits."""
+    if not job.auto_micro_batch:
+        return job.micro_batch
+
+    def probe(mb: int) -> None:  # constant inputs: the memory of a real micro-batch, no random draws used
+        batch = {"x0": torch.zeros(mb, *data.latent_shape, device=device),
+                 "labels": torch.zeros(mb, dtype=torch.long, device=device),
+                 "cluster": torch.zeros(mb, dtype=torch.long, device=device),
+                 "text": None if data.text_dim is None else torch.zeros(mb, data.text_tokens.shape[1], data.text_dim, device=device)}
+        with autocast(device, job.training.precision):
+            loss, _ = objective(job, model, model.config.num_classes, batch, torch.full((mb,), 0.5, device=device),
+                                 torch.ones_like(batch["x0"]), torch.zeros(mb, dtype=torch.bool, device=device))
+        loss.sum().backward()
+        model.zero_grad(set_to_none=True)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reserve = param_bytes * (2 + (world > 1))  # AdamW moments (allocated at the first step) + DDP buckets
+    share = job.batch // world
+    return agree(choose_micro_batch(share, job.micro_batch, device, probe, reserve, f"{job.name}@{job.island}"), device)
 
 
 def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | None = None,
@@ -125,42 +158,30 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world != job.num_workers:
         raise ValueError(f"job {job.name}: num_workers = {job.num_workers} but the process group has {world}")
-    device = device or torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = training_device(job.use_gpu, job.island, job.name)  # use_gpu without CUDA is an error
+    check_training_device(device, job.use_gpu, job.island, job.name)
+    configure_numerics(tc.tf32, tc.deterministic)
     data = load_partition(store, job.manifest_key, job.kind)
     torch.manual_seed(job.seed)  # identical initial weights on every worker
     model = _build(job, data).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel, not one per tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
+    opt = make_optimizer(model, tc, device)
     nimg, step, resumed = 0, 0, resume_latest_good(store, job.prefix, model, ema, opt)  # skips damaged ones
     if resumed is not None:
         _, nimg, step = resumed
         log.info("%s: resumed from %d images (step %d)", job.name, nimg, step)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
-    fwd = torch.compile(net) if tc.compile else net
-    bf16 = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
-    pos = worker_positions(job.batch, job.micro_batch, rank, world).to(device)
-    accum, shape, mb = job.batch // (job.micro_batch * world), data.latent_shape, job.micro_batch
+    mb = _micro_batch(job, model, data, device, world)
+    parts = StepParts(model, ema, opt, *wrap_for_training(model, device, tc, world), device, tc, world)
+    pos = worker_positions(job.batch, mb, rank, world).to(device)
+    accum, shape, null = job.batch // (mb * world), data.latent_shape, model.config.num_classes
     meter = _Meter(job, model, device, rank, nimg)
     for batch in prefetch(data, DataOrder(data.rows, job.seed), nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
-        t = sample_t(job.batch, tc.timestep_sampling, gen, device)[pos]                     # [n]
-        eps = torch.randn([job.batch, *shape], generator=gen, device=device)[pos]           # [n, C, H, W]
-        drop = (torch.rand(job.batch, generator=gen, device=device) < job.model.label_dropout)[pos]
-        for m in range(accum):
-            sl = slice(m * mb, (m + 1) * mb)
-            with (net.no_sync() if world > 1 and m < accum - 1 else nullcontext()), bf16:
-                loss, stats = _objective(job, fwd, model.config.num_classes, {k: v[sl] for k, v in batch.items()}, t[sl], eps[sl], drop[sl])
-            (loss.sum() / (job.batch / world)).backward()  # DDP averages workers: the mean over the batch
-            meter.add(loss.detach(), stats)
-        for group in opt.param_groups:
-            group["lr"] = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _update_ema(ema, model, step, tc)
+        t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
+        micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
+        lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
+        train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
         nimg, step = nimg + job.batch, step + 1
         if _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end:
             meter.log(store, nimg, step, end, on_progress)

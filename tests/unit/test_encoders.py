@@ -78,3 +78,38 @@ def test_prepare_with_vae_dinov2_and_clip(tiny_models, tmp_path):
     assert shard["text_tokens"].shape == (8, 8, 32) and shard["thumbs"].shape == (8, 16, 16, 3)
     captions = [json.loads(line)["caption"] for line in store.read_bytes(ds.extra["captions"][0]["path"]).decode().splitlines()]
     assert all(c.startswith("a ") for c in captions)
+
+
+def test_tensor_preprocessing_matches_the_hf_processor(tiny_models):
+    """DINOv2's resize + crop + normalise as tensor ops (any device) against its saved PIL processor: equal
+    up to the processor's 8-bit rounding, and the pooled features agree."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_models / "dino")
+    features = enc.Dinov2Features(str(tiny_models / "dino"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 3, 16, 16), (3, 3, 24, 40), (3, 3, 64, 48), (3, 1, 32, 32)]:  # up, non-square, down, gray
+        coarse = torch.rand(shape[0], shape[1], 8, 8, generator=g)  # smooth images, like photos at this scale
+        x = torch.nn.functional.interpolate(coarse, size=shape[2:], mode="bilinear") * 2 - 1
+        ours = features.preprocess(x)
+        images = list(((x.repeat(1, 3 // shape[1], 1, 1) + 1) / 2).clamp(0, 1))
+        ref = processor(images=images, return_tensors="pt", do_rescale=False)["pixel_values"]
+        assert ours.shape == ref.shape == (shape[0], 3, 32, 32), shape
+        assert (ours - ref).abs().mean() < 0.012 and (ours - ref).abs().max() < 0.06, shape  # 1/255/std ~ 0.015
+        with torch.no_grad():
+            pooled_ref = features.model(pixel_values=ref).pooler_output
+        cos = torch.nn.functional.cosine_similarity(features(x), pooled_ref, dim=1)
+        assert (cos > 0.999).all(), (shape, cos)
+
+
+def test_vae_runs_in_fp32_or_bf16_never_fp16(tiny_models):
+    with pytest.raises(ValueError, match="'fp32' or 'bf16'"):
+        LatentsConfig(encoder="vae", model="m", dtype="fp16")
+    with pytest.raises(ValueError, match="fp16"):
+        enc.load_vae(str(tiny_models / "sd"), "vae", dtype="fp16")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    fp32 = enc.VaeLatents(str(tiny_models / "sd"), "vae", torch.device("cpu"))
+    bf16 = enc.VaeLatents(str(tiny_models / "sd"), "vae", torch.device("cpu"), "bf16")
+    assert fp32.vae.dtype == torch.float32 and bf16.vae.dtype == torch.bfloat16
+    z32, z16 = fp32.encode(x), bf16.encode(x)
+    assert z16.dtype == torch.float32 and torch.allclose(z16, z32, atol=0.05)

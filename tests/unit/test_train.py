@@ -118,3 +118,32 @@ def test_train_on_every_store_backend(store_url):
     assert [k.rsplit("/", 1)[1] for k in store.list("experts/00/checkpoints")].count("model.safetensors") == 2
     model, _ = load_export(store, "experts/00")
     assert model.config.num_classes == 10
+
+
+def test_a_use_gpu_job_without_cuda_is_an_error_naming_the_island_and_node(two_experts, monkeypatch):
+    """Never a silent CPU run: use_gpu without a visible CUDA device stops before any work, naming both."""
+    import socket
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    job = _job().model_copy(update={"use_gpu": True, "island": "h100x8"})
+    with pytest.raises(RuntimeError, match=rf"^island h100x8: expert-00 has use_gpu = true but no CUDA device is "
+                                          rf"visible on node {socket.gethostname()} "):
+        train(job, job_store(two_experts, job))
+    # A worker handed a CPU device (Ray Train without a GPU for it) fails the same way.
+    with pytest.raises(RuntimeError, match=rf"^island h100x8: expert-00 has use_gpu = true but runs on cpu on node "
+                                          rf"{socket.gethostname()}"):
+        train(job, job_store(two_experts, job), device=torch.device("cpu"))
+    assert not two_experts.list("experts/00/checkpoints") and not two_experts.exists("experts/00/metrics.jsonl")
+
+
+def test_auto_micro_batch_on_cpu_trains_exactly_the_configured_job(two_experts, tmp_path):
+    """per_worker_batch auto is a no-op on CPU: the same export as the configured micro-batch."""
+    from tests.partitions import digits_like, write_expert_partition
+
+    other = RunStore(str(tmp_path / "other"))
+    x, y = digits_like(96)
+    write_expert_partition(other, 0, x[:48], y[:48], num_experts=2, num_classes=10, shard_rows=32)
+    base = _job(duration_nimg=48, checkpoint_every_nimg=48, sample_every_nimg=None)
+    auto = base.model_copy(update={"auto_micro_batch": True})
+    a, b = train(base, job_store(two_experts, base)), train(auto, job_store(other, auto))
+    assert a.weights.sha256 == b.weights.sha256
