@@ -198,6 +198,16 @@ class RunStore:
                 return True
             except FileExistsError:
                 return False
+            except OSError:  # a filesystem without hard links: O_EXCL (a reader may briefly see it empty)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return True
             finally:
                 os.unlink(tmp)
         if self.protocol == "memory":  # one process owns a memory:// filesystem

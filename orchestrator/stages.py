@@ -93,7 +93,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and path not in ("islands.assignment",):
+        if isinstance(value, dict) and value:
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value
