@@ -109,7 +109,7 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
         update_hash_cache(store, listing, hint)
     runner = StageRunner(store, config, None if is_builtin(config.data) else listing.fingerprint(), redo=redo,
                          source_changes=listing.changes_since(previous) if previous else "")
-    runner.check()  # a changed committed stage stops here, before anything is written
+    runner.check(until)  # a changed committed stage stops here, before anything is written
     check_committed_outputs(runner, until)
     runner.write_run_record()
     summary = RunSummary(run_uri=store.url)

@@ -177,13 +177,13 @@ class StageRunner:
         """Whether `--redo` covers `stage` (the named stage and every stage after it)."""
         return self.redo is not None and STAGES.index(stage) >= STAGES.index(self.redo)
 
-    def check(self) -> None:
+    def check(self, until: str = STAGES[-1]) -> None:
         """Stop (StageChanged, one line) at the first committed stage whose inputs changed, unless redone.
 
         Training jobs that checkpointed before the train stage committed are checked too (their job.json
         stamps): a killed run whose training config then changed must not lose its checkpoints.
         """
-        for stage in STAGES:
+        for stage in STAGES[:STAGES.index(until) + 1]:  # stages this run does not reach are not touched
             if self.redoes(stage):
                 return
             record = self.store.read_record(f"stages/{stage}.json", StageRecord)
