@@ -47,6 +47,7 @@ class IslandSlot:
 
     def worker_started(self, rank: int, node: str) -> None:
         self.worker_nodes[rank] = node
+        self.latest = {**self.latest, "worker_nodes": dict(self.worker_nodes)}
 
     def run(self, job_json: str, store_url: str, storage: dict, read_write: list[str],
             read_only: list[str]) -> dict:
@@ -143,7 +144,8 @@ class RayWorkerGroup:
                 job, slot.job, slot.ref = slot.job, None, None
                 try:
                     self.outcomes[job] = ray.get(ref)
-                    events.append(Finished(job))
+                    # The final count, in case the last report landed after the last progress poll.
+                    events.extend([Progress(job, {"nimg": self.outcomes[job]["nimg"]}), Finished(job)])
                 except Exception as exc:  # noqa: BLE001 - any failure of an attempt is reported, not raised
                     events.append(Crashed(job, _one_line(exc)))
                     _kill(slot.actor)  # a retry starts in a fresh process (the node may be gone anyway)

@@ -90,20 +90,19 @@ class StatusWriter:
         self.listener = listener
         self.last: dict[str, tuple[str, float]] = {}
         self.retries: dict[str, int] = {}
-        self.states: dict[str, JobState] = {}
-        self.run_name = store.url.rstrip("/").rsplit("/", 1)[-1]
+        self.islands: dict[str, str] = {}  # the island each job's images were last published under
 
     def __call__(self, state: JobState) -> None:
-        from worker.metrics import count_retry, report_run
+        from worker.metrics import count_retry, report_job_images
 
         if self.listener is not None:
             self.listener(state)
         if state.retries > self.retries.get(state.name, 0):
             count_retry(state.name, state.island)
             self.retries[state.name] = state.retries
-        self.states[state.name] = state
-        report_run(self.run_name, sum(int(s.progress.get("nimg", 0)) for s in self.states.values()),
-                   {status.value: sum(s.status == status for s in self.states.values()) for status in JobStatus})
+        if "nimg" in state.progress:
+            report_job_images(state.name, state.island, int(state.progress["nimg"]), self.islands.get(state.name))
+            self.islands[state.name] = state.island
         # Write at once when the state or the node changes, else at most every `every_s`.
         key = f"{state.status.value}|{state.progress.get('node')}"
         previous = self.last.get(state.name)

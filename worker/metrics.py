@@ -4,8 +4,8 @@ the run store, and a matmul peak for MFU.
 Per job (tags expert, island), set by the job's rank 0: gauges ddm_images_seen, ddm_loss,
 ddm_images_per_second, ddm_eta_seconds. Set by the driver, which outlives every job: the counter
 ddm_retries_total (created at 0 for every job when the train stage starts, so a panel never shows
-"No data"), and run-level gauges ddm_run_images_seen and ddm_run_jobs (tag state), which keep their
-totals after a job's actor has exited. Ray metrics are a no-op when Ray is not initialised, so the
+"No data") and the gauge ddm_job_images_seen, which keeps each job's count after its actor has exited,
+so run totals summed over it never drop. Ray metrics are a no-op when Ray is not initialised, so the
 same training loop runs in a plain process.
 """
 
@@ -43,10 +43,8 @@ def _metrics() -> dict:
         _METRICS = {name: Gauge(name, description=desc, tag_keys=_TAGS) for name, (_, desc) in _GAUGES.items()}
         _METRICS["ddm_retries_total"] = Counter("ddm_retries_total", description="Retries of a failed training job.",
                                                 tag_keys=_TAGS)
-        _METRICS["ddm_run_images_seen"] = Gauge("ddm_run_images_seen", tag_keys=("run",),
-                                                description="Images seen by all training jobs of the run (driver).")
-        _METRICS["ddm_run_jobs"] = Gauge("ddm_run_jobs", tag_keys=("run", "state"),
-                                         description="Training jobs of the run per state (driver).")
+        _METRICS["ddm_job_images_seen"] = Gauge("ddm_job_images_seen", tag_keys=_TAGS,
+                                                description="Images seen by a training job, kept after it ends (driver).")
     return _METRICS
 
 
@@ -76,14 +74,15 @@ def init_retries(jobs: dict[str, str]) -> None:
         counter._record(0.0, tags={"expert": job_name, "island": island})
 
 
-def report_run(run: str, images_seen: int, jobs_per_state: dict[str, int]) -> None:
-    """Run-level gauges, set by the driver: totals that do not vanish when a job's actor exits."""
+def report_job_images(job_name: str, island: str, images_seen: int, moved_from: str | None = None) -> None:
+    """Driver-side ddm_job_images_seen: survives the job's actor. A job that moved to another island
+    (a retry placed elsewhere) zeroes its old series, so sums over islands count it once."""
     if not _ray_ready():
         return
-    metrics = _metrics()
-    metrics["ddm_run_images_seen"].set(float(images_seen), tags={"run": run})
-    for state, count in jobs_per_state.items():
-        metrics["ddm_run_jobs"].set(float(count), tags={"run": run, "state": state})
+    gauge = _metrics()["ddm_job_images_seen"]
+    if moved_from is not None and moved_from != island:
+        gauge.set(0.0, tags={"expert": job_name, "island": moved_from})
+    gauge.set(float(images_seen), tags={"expert": job_name, "island": island})
 
 
 def tensorboard_prefix(job_name: str) -> str:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 EXAMPLE = DEPLOY / "islands.example.yaml"
 METRICS = ["ray_ddm_images_seen", "ray_ddm_loss", "ray_ddm_images_per_second", "ray_ddm_eta_seconds",
-           "ray_ddm_retries_total"]
+           "ray_ddm_retries_total", "ray_ddm_job_images_seen"]
 DRIVER_SLICE = 0.001  # what a multi-worker group's driver actor holds of its island's resource
 
 
