@@ -29,6 +29,7 @@ def _free_port() -> int:
 
 
 TOKEN = uuid.uuid4().hex + uuid.uuid4().hex  # this head's own token, never ~/.ray/auth_token
+HEAD: dict[str, str] = {}  # the head's GCS address, for `ddm run --address`
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -67,7 +68,8 @@ def ray_head():
     """A local Ray head with the dashboard (job server) on 127.0.0.1, every port chosen free."""
     temp = f"/tmp/ddmsub{os.getpid()}"  # short: Unix socket paths are capped near 107 bytes
     dash = _free_port()
-    cmd = ["ray", "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
+    HEAD["gcs"] = f"127.0.0.1:{_free_port()}"
+    cmd = ["ray", "start", "--head", "--block", f"--port={HEAD['gcs'].split(':')[1]}", "--include-dashboard=true",
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--metrics-export-port={_free_port()}", "--num-cpus=2",
@@ -214,6 +216,18 @@ def test_cluster_mode_refuses_a_store_inside_the_jobs_working_dir(ray_head, chec
     assert result.returncode == 1
     assert "error: run store runs/x resolves to " in result.stdout and "runtime_resources" in result.stdout
     assert "s3://" in result.stdout and "--allow-local-store" in result.stdout
+
+
+@pytest.mark.slow
+def test_ddm_run_against_a_token_head_without_its_token_is_one_line(ray_head, tmp_path):
+    t0 = time.monotonic()
+    result = _ddm("run", "--address", HEAD["gcs"], "--run", str(tmp_path / "run"), "--quiet",
+                  RAY_AUTH_TOKEN="0" * 64, RAY_AUTH_MODE="token")
+    assert time.monotonic() - t0 < 60  # imports included; the refusal itself is immediate
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: the Ray cluster at {HEAD['gcs']} refused our token; set RAY_AUTH_MODE=token and "
+                     "RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH)"], lines
 
 
 def test_entrypoint_defaults_to_run():
