@@ -209,6 +209,7 @@ def test_readme_submit_with_the_runtime_env_runs_to_completion(ray_head, tmp_pat
     assert "pip" in info.runtime_env
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_cluster_mode_refuses_a_store_inside_the_jobs_working_dir(ray_head, checkout):
     result = _ddm("submit", "--address", ray_head, "--working-dir", str(checkout), "--",
@@ -218,6 +219,7 @@ def test_cluster_mode_refuses_a_store_inside_the_jobs_working_dir(ray_head, chec
     assert "s3://" in result.stdout and "--allow-local-store" in result.stdout
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ddm_run_against_a_token_head_without_its_token_is_one_line(ray_head, tmp_path):
     t0 = time.monotonic()

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from common.storage import StoreError
-from orchestrator.pipeline import (DRIVER_ENV_VARS, RAY_JOB_CONFIG_ENV, check_durable_store, driver_runtime_env,
+from common.errors import UsageError
+from orchestrator.pipeline import (DRIVER_ENV_VARS, RAY_JOB_CONFIG_ENV, ClusterUnreachable, check_durable_store,
+                                   driver_runtime_env,
                                    in_cluster_mode, probe_cluster)
 
 
@@ -50,7 +51,7 @@ def test_ray_merges_what_the_driver_passes_with_the_jobs_runtime_env(monkeypatch
 
 def test_cluster_mode_refuses_ephemeral_run_stores(tmp_path):
     for uri in ("runs/digits", "memory://x", "/tmp/ray/session/runtime_resources/working_dir_files/_ray_pkg_1/runs/d"):
-        with pytest.raises(StoreError, match=r"s3://.*--allow-local-store"):
+        with pytest.raises(UsageError, match=r"s3://.*--allow-local-store"):
             check_durable_store(uri, cluster_mode=True, allow_local_store=False)
         check_durable_store(uri, cluster_mode=True, allow_local_store=True)  # told to: accepted
         check_durable_store(uri, cluster_mode=False, allow_local_store=False)  # local mode: fine
@@ -63,15 +64,15 @@ def test_a_dead_head_is_one_line_within_the_timeout():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     t0 = time.monotonic()
-    with pytest.raises(ConnectionError) as exc:
+    with pytest.raises(ClusterUnreachable) as exc:
         probe_cluster(f"127.0.0.1:{port}", timeout_s=3)
     assert time.monotonic() - t0 < 3.5
     message = str(exc.value)
     assert "\n" not in message and message.startswith(f"no Ray cluster answers at 127.0.0.1:{port} within 3s")
     # A host that drops packets (TEST-NET-1, never routed) waits out the timeout, then says so.
     t0 = time.monotonic()
-    with pytest.raises(ConnectionError, match="within 1s"):
+    with pytest.raises(ClusterUnreachable, match="within 1s"):
         probe_cluster("192.0.2.123:6379", timeout_s=1)
     assert time.monotonic() - t0 < 2
-    with pytest.raises(ConnectionError, match="expected HOST:PORT"):
+    with pytest.raises(ClusterUnreachable, match="expected HOST:PORT"):
         probe_cluster("headnode", timeout_s=1)
