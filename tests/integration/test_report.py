@@ -98,7 +98,8 @@ def test_report_runs_a_quick_evaluation_with_progress(trained_digits, tmp_path, 
     err = capsys.readouterr().err
     assert "report: evaluating 3 strategies x 40 samples (quick; --full for eval.num_samples = 40)" in err
     assert re.search(r"report: \[\s*\d+s\] sampling 40 with top1", err), err
-    assert json.loads(store.read_bytes("eval/results.json"))["num_samples"] == 40  # this run sets eval.num_samples = 40, under QUICK_SAMPLES
+    # This run sets eval.num_samples = 40, under QUICK_SAMPLES.
+    assert json.loads(store.read_bytes("eval/results.json"))["num_samples"] == 40
 
 
 def test_sample_export_and_bad_usage(trained_digits, tmp_path, capsys):

@@ -10,9 +10,15 @@ import time
 import pytest
 
 from common.errors import UsageError
-from orchestrator.pipeline import (DRIVER_ENV_VARS, RAY_JOB_CONFIG_ENV, ClusterUnreachable, check_durable_store,
-                                   driver_runtime_env,
-                                   in_cluster_mode, probe_cluster)
+from orchestrator.pipeline import (
+    DRIVER_ENV_VARS,
+    RAY_JOB_CONFIG_ENV,
+    ClusterUnreachable,
+    check_durable_store,
+    driver_runtime_env,
+    in_cluster_mode,
+    probe_cluster,
+)
 
 
 def _job(monkeypatch, env_vars: dict) -> None:
