@@ -134,6 +134,8 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
     group = make_group(jobs)
     controller = TrainController(placements, capacity, group, config.islands.max_retries,
                                  done=done, on_change=status)
+    for name, state in controller.states.items():  # progress lines show the target before the first report
+        state.progress["duration_nimg"] = next(iter(jobs[name].values())).training.duration_nimg
     result: ControllerResult = controller.run(poll_s=1.0, on_tick=on_tick)
     status.listener = None  # the view has seen every transition; only the records are refreshed
     for state in result.states.values():
