@@ -22,7 +22,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.pipeline import run_pipeline
 
     summary = run_pipeline(config, until=args.until, address=args.address, show_progress=not args.quiet,
-                           redo=args.redo)
+                           redo=args.redo, allow_local_store=args.allow_local_store,
+                           connect_timeout_s=args.connect_timeout)
     print(f"\nrun {config.name} finished in {summary.wall_s:.1f}s; run store: {summary.run_uri}")
     for name, info in summary.stages.items():
         state = "skipped (committed)" if info["skipped"] else f"{info['duration_s']:.1f}s"
@@ -70,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--run", help="run store URI (overrides run_uri): path, file://, memory:// or s3://")
     run.add_argument("--until", default="gather", choices=STAGES, help="stop after this stage")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    run.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="give up on an unreachable --address after this long (default: 30)")
+    run.add_argument("--allow-local-store", action="store_true",
+                     help="cluster mode: accept a run store inside the job's working dir or in memory")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--redo", choices=STAGES, help="redo this committed stage and every later one (removes "
                      "their outputs); needed when a committed stage's inputs changed")

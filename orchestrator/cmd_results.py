@@ -112,7 +112,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     store, config = open_run(args.run)
     out = Path(args.out) if args.out else default_report_dir(store, config)
     print(write_report(store, config, out, run_eval=not args.no_eval, allow_external_models=args.trust_remote_paths,
-                       device=_device(args)))
+                       device=_device(args), full=args.full))
     return 0
 
 
@@ -238,6 +238,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-eval", action="store_true", help="do not run the evaluation when eval/results.json is absent")
     add_trust_arg(r)
     _add_device(r)
+    r.add_argument("--full", action="store_true",
+                   help="evaluate with eval.num_samples per strategy (default: a quick 128, progress on stderr)")
     r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="write a self-contained ensemble folder (safetensors + JSON)")

@@ -1,7 +1,9 @@
 """The training controller: an explicit state machine over the train stage's jobs (Ray Train v2 style).
 
 Workers only report events (progress, finished, crashed); the controller alone decides what happens
-next (launch, retry from the last checkpoint, give up) and records each job's state. It knows nothing
+next (launch, retry from the last checkpoint, give up) and records each job's state. Placement is
+dynamic: a pending job starts on the first of its eligible islands with a free slot (its planned
+island first), so an island that finishes early takes pending work instead of idling. It knows nothing
 about Ray: `WorkerGroup` is the seam, implemented for Ray in `ray_group.py` and faked in tests.
 """
 
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class JobStatus(str, Enum):
-    PENDING = "pending"      # waiting for a slot on its island
+    PENDING = "pending"      # waiting for a free slot on one of its eligible islands
     RUNNING = "running"      # an attempt is live
     SUCCEEDED = "succeeded"  # export committed
     FAILED = "failed"        # out of retries
@@ -28,7 +30,7 @@ class JobStatus(str, Enum):
 @dataclass
 class JobState:
     name: str
-    island: str
+    island: str  # the island of the current (or last) attempt; the planned one until it starts
     status: JobStatus = JobStatus.PENDING
     attempts: int = 0
     retries: int = 0
@@ -105,12 +107,13 @@ class TrainController:
         self.capacity = dict(capacity)
         self.max_retries = max_retries
         self.on_change = on_change or (lambda state: None)
-        # Longest expected job first within each island's queue.
+        # Longest expected job first: it gets the first free slot.
         order = sorted(placements, key=lambda p: (-p.expected_cost, p.job))
+        self.placements = {p.job: p for p in order}
         self.states = {p.job: JobState(p.job, p.island) for p in order}
         for name in done:
             self.states[name].status = JobStatus.SUCCEEDED
-        unknown = {p.island for p in placements} - set(capacity)
+        unknown = {i for p in placements for i in p.candidates} - set(capacity)
         if unknown:
             raise ValueError(f"jobs placed on islands without capacity: {sorted(unknown)}")
 
@@ -160,11 +163,17 @@ class TrainController:
 
     def _schedule(self) -> list[Decision]:
         decisions: list[Decision] = []
+        free = {island: slots - self.running_on(island) for island, slots in self.capacity.items()}
         for state in self.states.values():
             if state.status != JobStatus.PENDING:
                 continue
-            if self.running_on(state.island) >= self.capacity[state.island]:
-                continue
+            island = next((i for i in self.placements[state.name].candidates if free[i] > 0), None)
+            if island is None:
+                continue  # every island it may run on is busy: it waits for the first slot to free up
+            free[island] -= 1
+            if island != state.island:
+                log.info("%s: planned for %s, starts on %s (first free slot)", state.name, state.island, island)
+            state.island = island
             state.status, state.attempts = JobStatus.RUNNING, state.attempts + 1
             state.started_at = state.started_at or time.time()
             self.on_change(state)

@@ -8,17 +8,23 @@ custom resources, so the same scheduling path runs as on a cluster.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import socket
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import ray
 
 from common.config import RunConfig
-from common.errors import UsageError
+from common.errors import DDMError, UsageError
 from common.manifests import RunRecord, StageResult
-from common.storage import RunStore
+from common.storage import RunStore, normalize_url
 from orchestrator.islands import local_node_resources
 from orchestrator.lease import LEASE_KEY, RunLease
 from orchestrator.progress import ProgressView
@@ -27,6 +33,7 @@ from orchestrator.stages import STAGES, StageDamaged, StageRunner, code_version,
 from orchestrator.train_stage import job_scope, run_train_stage
 
 log = logging.getLogger(__name__)
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor on a submitted job's driver
 
 
 @dataclass
@@ -38,15 +45,119 @@ class RunSummary:
     dashboard_url: str | None = None
 
 
-def connect_ray(config: RunConfig, address: str | None) -> tuple[bool, str | None]:
+# Env vars every Ray worker of the run should have. A job's runtime env (`ray job submit --runtime-env`)
+# wins: ray.init refuses a runtime env that sets a key the job's already sets, so only absent keys go.
+# OMP_NUM_THREADS is Ray's: each worker gets its actor's num_cpus (an island's cpus_per_worker).
+DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false",
+                   "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}  # the dashboard's Train tab
+CONNECT_TIMEOUT_S = 30.0
+
+
+def job_runtime_env() -> dict | None:
+    """The runtime env of the Ray job this driver runs in (None outside a submitted job)."""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def driver_runtime_env() -> dict | None:
+    """DRIVER_ENV_VARS minus the keys the job's runtime env or this process's environment already set."""
+    job_vars = (job_runtime_env() or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in DRIVER_ENV_VARS.items() if k not in job_vars and k not in os.environ}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def in_cluster_mode(address: str | None) -> bool:
+    """A driver inside a submitted Ray job, or one told to join a running cluster."""
+    return bool(address or os.environ.get("RAY_ADDRESS") or job_runtime_env() is not None)
+
+
+def check_durable_store(run_uri: str, cluster_mode: bool, allow_local_store: bool) -> None:
+    """Cluster mode refuses a run store that dies with the job or lives on one machine only.
+
+    A relative path inside a submitted job resolves into Ray's unpacked working dir
+    (`.../runtime_resources/working_dir_files/_ray_pkg_...`), deleted with the job's cache; a
+    `memory://` store lives in one process. Both are one clear line, not a silently lost run.
+    """
+    if not cluster_mode or allow_local_store:
+        return
+    url = normalize_url(run_uri)
+    scheme, path = url.split("://", 1)
+    if scheme == "memory":
+        reason = "lives in one process's memory"
+    elif scheme == "file" and ("runtime_resources" in path or "://" not in run_uri and not Path(run_uri).expanduser().is_absolute()):
+        reason = f"resolves to {path}, inside the job's working dir or this machine's cwd"
+    else:
+        return
+    raise UsageError(f"run store {run_uri} {reason}; in cluster mode give run_uri=s3://bucket/run (or --run "
+                     f"/path/on/a/shared/filesystem), or pass --allow-local-store to keep it there")
+
+
+class ClusterUnreachable(DDMError):
+    """No Ray head answers at the address, or it refuses our token: one line, exit 1."""
+
+
+def probe_cluster(address: str, timeout_s: float) -> None:
+    """Fail in seconds, with one line, where ray.init would retry for minutes: nothing listening at
+    the address, or a token-auth cluster refusing us."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"--address {address}: expected HOST:PORT (the head's GCS port, default 6379) "
+                              "or ray://HOST:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnreachable(f"no Ray cluster answers at {address} within {timeout_s:g}s ({exc.strerror or exc}); "
+                              "check the head's address and port, or start one with `ray start --head`") from None
+    if address.startswith("ray://"):
+        return  # Ray Client: the server authenticates at ray.init
+    from ray._raylet import GcsClient
+
+    with _quiet_stderr():  # the C++ client logs each refusal itself; one line of ours is enough
+        try:
+            GcsClient(address=hostport)
+        except Exception as exc:  # noqa: BLE001 - AuthenticationError, RpcError: phrased below
+            if "auth" in type(exc).__name__.lower() or "AuthToken" in str(exc):
+                raise ClusterUnreachable(f"the Ray cluster at {address} refused our token; set RAY_AUTH_MODE=token and "
+                                      "RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH)") from None
+            raise ClusterUnreachable(f"the Ray cluster at {address} did not answer as a Ray head: "
+                                  f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def connect_ray(config: RunConfig, address: str | None,
+                timeout_s: float = CONNECT_TIMEOUT_S) -> tuple[bool, str | None]:
     """Connect to a cluster (address / RAY_ADDRESS) or start a local instance. Returns (local, dashboard)."""
     if ray.is_initialized():
         return False, None
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    env = driver_runtime_env()
     if address:
+        probe_cluster(address, timeout_s)
         context = ray.init(address=address, runtime_env=env, log_to_driver=False)
         return False, context.dashboard_url
+    # The Ray Train controller reads it where the trainer is built; the runtime env carries it to actors.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     num_cpus = os.cpu_count() or 1
     resources = local_node_resources(config, num_cpus) if config.islands.simulate else {}
     # Dashboard on loopback only; Ray's token authentication is left as Ray configures it.
@@ -84,7 +195,8 @@ def open_run_store(config: RunConfig) -> RunStore:
 
 
 def run_pipeline(config: RunConfig, until: str = "gather", address: str | None = None,
-                 show_progress: bool = True, redo: str | None = None) -> RunSummary:
+                 show_progress: bool = True, redo: str | None = None, allow_local_store: bool = False,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunSummary:
     """Run the stages up to `until` under the run store's lease; `redo` names the one stage whose
     committed outputs (and later stages') may be removed and rebuilt."""
     if until not in STAGES:
@@ -92,14 +204,16 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
     if redo is not None and (redo not in STAGES or STAGES.index(redo) > STAGES.index(until)):
         raise UsageError(f"--redo {redo}: expected one of {', '.join(STAGES[:STAGES.index(until) + 1])} "
                          f"(a stage this run reaches)")
+    check_durable_store(config.run_uri, in_cluster_mode(address), allow_local_store)
     t0 = time.perf_counter()
     store = open_run_store(config)
     with RunLease(store, config.storage.lease_ttl_s) as lease:
-        return _drive(config, store, lease, until, address, show_progress, redo, t0)
+        return _drive(config, store, lease, until, address, show_progress, redo, t0, connect_timeout_s)
 
 
 def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, address: str | None,
-           show_progress: bool, redo: str | None, t0: float) -> RunSummary:
+           show_progress: bool, redo: str | None, t0: float,
+           connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunSummary:
     from worker.listing import is_builtin, list_source, read_committed_listing, read_hash_cache, update_hash_cache
 
     previous = None if is_builtin(config.data) else read_committed_listing(store, config.data)
@@ -119,7 +233,7 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
     def stage(name: str, fn, uses_ray: bool) -> None:
         lease.check()
         if uses_ray and not ray_mode and (runner.committed(name) is None or runner.redo == name):
-            ray_mode["local"], summary.dashboard_url = connect_ray(config, address)
+            ray_mode["local"], summary.dashboard_url = connect_ray(config, address, connect_timeout_s)
             if summary.dashboard_url:
                 view.note(f"Ray dashboard: http://{summary.dashboard_url}")
         view.stage_started(name)

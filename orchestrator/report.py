@@ -1,8 +1,11 @@
 """`ddm report`: one static HTML file plus PNGs (no server, no network assets) from a run store.
 
-Sections: cluster sizes and thumbnails, per-job loss curves, router accuracy by t, sample grids per
-expert and per ensemble strategy, and the evaluation table (run when absent unless told not to).
-Rendering only: every number comes from the run store or from the worker's sampler and evaluator.
+Sections: the run (per-stage timing, the config used), cluster sizes and thumbnails, per-job loss
+curves from every row of each metrics.jsonl, router accuracy by t, sample grids per expert and per
+ensemble strategy, and the evaluation table with each metric's unit and direction. When no evaluation
+is committed, a quick one runs (QUICK_SAMPLES per strategy; `full=True` uses eval.num_samples),
+reporting its progress. Rendering only: every number comes from the run store or from the worker's
+sampler and evaluator.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from common.keys import ROUTER, STUDENT, expert_prefix
 
 import html
 import json
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -19,11 +25,36 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common.config import RunConfig  # noqa: E402
-from common.manifests import ClusterManifest, EnsembleManifest  # noqa: E402
+from common.config import RunConfig, to_yaml  # noqa: E402
+from common.manifests import ClusterManifest, EnsembleManifest, StageRecord  # noqa: E402
 from common.storage import RunStore  # noqa: E402
 
 GRID_N = 32
+QUICK_SAMPLES = 128  # per strategy in the report's own evaluation; `ddm eval` / --full use eval.num_samples
+STAGES = ("prepare", "cluster", "train", "gather")
+# Evaluation columns: what each number is, its unit, and which way is better.
+METRICS = {
+    "fd": "FD, Fréchet distance of classifier features (lower is better)",
+    "fid": "FID, Fréchet Inception distance (lower is better)",
+    "class_acc": "class accuracy, fraction of samples classified as their label (higher is better)",
+    "gflops_per_sample": "GFLOPs per sample, whole sampling chain (lower is cheaper)",
+    "sliced_w2": "sliced Wasserstein-2 to the true mixture (lower is better)",
+    "mmd2": "MMD², RBF kernel, to the true mixture (lower is better)",
+    "mean_loglik": "mean log-likelihood under the true mixture, nats (higher is better)",
+    "mode_coverage": "mode coverage, fraction of mixture components hit (higher is better)",
+    "router_tv": "router total variation to p(k | x_t, t) (lower is better)",
+    "router_top1_agree": "router top-1 agreement with p(k | x_t, t), fraction (higher is better)",
+    "velocity_rel_err_full": "velocity relative error, full ensemble, E‖v−u‖²/E‖u‖² (lower is better)",
+    "velocity_rel_err_top1": "velocity relative error, top-1 routing (lower is better)",
+}
+
+
+def _say(text: str) -> None:
+    print(f"report: {text}", file=sys.stderr, flush=True)
+
+
+def _label(key: str) -> str:
+    return METRICS.get(key, key)
 
 
 def _jsonl(store: RunStore, key: str) -> list[dict]:
@@ -72,15 +103,18 @@ def _curves(store: RunStore, out: Path, K: int) -> str:
     fig, ax = plt.subplots(figsize=(6, 3))
     drawn = 0
     for prefix in jobs:
-        rows = _jsonl(store, f"{prefix}/metrics.jsonl")
-        if rows:
-            ax.plot([r["nimg"] for r in rows], [r["loss"] for r in rows], label=prefix, marker=".")
+        # Every logged row; a resumed job logs again from its checkpoint, and its later rows win.
+        by_nimg = {r["nimg"]: r["loss"] for r in _jsonl(store, f"{prefix}/metrics.jsonl") if "loss" in r}
+        if by_nimg:
+            nimg = sorted(by_nimg)
+            ax.plot(nimg, [by_nimg[n] for n in nimg], label=f"{prefix} ({len(nimg)} points)",
+                    marker="." if len(nimg) < 50 else None, linewidth=1)
             drawn += 1
     if not drawn:
         plt.close(fig)
         return "<p>No metrics.jsonl found.</p>"
     ax.set_xlabel("images seen")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (lower is better)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -134,24 +168,46 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
 
 
 def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool,
-          device: torch.device) -> str:
+          device: torch.device, full: bool = False, say: Callable[[str], None] = _say) -> str:
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 
-        evaluate(store, config, allow_external_models=allow_external_models, device=device)
+        n = config.eval.num_samples if full else min(QUICK_SAMPLES, config.eval.num_samples)
+        say(f"evaluating {len(config.eval.strategies)} strategies x {n} samples"
+            f"{'' if full else ' (quick; --full for eval.num_samples = ' + str(config.eval.num_samples) + ')'}")
+        t0 = time.perf_counter()
+        evaluate(store, config, num_samples=n, allow_external_models=allow_external_models, device=device,
+                 log=lambda m: say(f"[{time.perf_counter() - t0:5.0f}s] {m}"))
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
     keys = list(dict.fromkeys(k for r in results["rows"] for k in r))
-    parts = [_table([[r.get(k, "") for k in keys] for r in results["rows"]], keys)]
+    parts = [f"<p>{results.get('num_samples', '?')} samples per strategy.</p>",
+             _table([[r.get(k, "") for k in keys] for r in results["rows"]], [_label(k) for k in keys])]
     if results.get("reference"):
         parts.append("<p>Reference: " + html.escape(", ".join(f"{k} = {v}" for k, v in results["reference"].items())) + "</p>")
     fields = results.get("gmm_fields")
     if fields:
         fk = [k for k in fields if k != "t"]
         parts.append("<p>GMM: router and ensemble velocity against the closed forms, per t</p>")
-        parts.append(_table([[t] + [fields[k][i] for k in fk] for i, t in enumerate(fields["t"])], ["t"] + fk))
+        parts.append(_table([[t] + [fields[k][i] for k in fk] for i, t in enumerate(fields["t"])],
+                            ["t"] + [_label(k) for k in fk]))
     parts += [f"<p>{html.escape(str(n))}</p>" for n in results.get("notes", [])]
+    return "".join(parts)
+
+
+def _run_info(store: RunStore, config: RunConfig) -> str:
+    """Per-stage timing from the committed stage records, and the resolved config the run used."""
+    rows = []
+    for name in STAGES:
+        record = store.read_record(f"stages/{name}.json", StageRecord) if store.exists(f"stages/{name}.json") else None
+        if record is not None:
+            counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in record.counts.items())
+            rows.append([name, f"{record.duration_s:.1f}", record.finished_at, counts])
+    parts = [_table(rows, ["stage", "duration (s)", "finished", "counts"]) if rows else "<p>No committed stages.</p>"]
+    if rows:
+        parts.append(f"<p>Total of committed stages: {sum(float(r[1]) for r in rows):.1f} s.</p>")
+    parts.append("<details><summary>Config used</summary><pre>" + html.escape(to_yaml(config)) + "</pre></details>")
     return "".join(parts)
 
 
@@ -162,19 +218,19 @@ td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{b
 
 
 def write_report(store: RunStore, config: RunConfig, out: Path, run_eval: bool = True,
-                 allow_external_models: bool = False, device: str | torch.device = "auto") -> Path:
+                 allow_external_models: bool = False, device: str | torch.device = "auto", full: bool = False) -> Path:
     """Render the report into `out` (every file it writes is a plain name inside it), sampling on `device`
-    ("auto": CUDA when visible); returns index.html."""
+    ("auto": CUDA when visible); `full` evaluates with eval.num_samples. Returns index.html."""
     from worker.ensemble import Ensemble
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         ensemble = Ensemble.load(store, device=device, allow_external_models=allow_external_models)
-        return _render(store, config, out, run_eval, ensemble)
+        return _render(store, config, out, run_eval, ensemble, full)
 
 
-def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensemble) -> Path:
+def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensemble, full: bool = False) -> Path:
     manifest: EnsembleManifest = ensemble.manifest
     missing = f"; missing experts {manifest.missing}" if manifest.missing else ""
     summary = (f"{store.url}: {config.data.source}, K = {manifest.num_experts}{missing}, model "
@@ -182,11 +238,13 @@ def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensem
     body = [  # every string from the run store is escaped: a source name or a note is text, never markup
         f"<h1>DDM run {html.escape(config.name)}</h1>",
         f"<p>{html.escape(summary)}</p>",
+        "<h2>Run</h2>", _run_info(store, config),
         "<h2>Clusters</h2>", _clusters(store, out),
         "<h2>Training</h2>", _curves(store, out, manifest.num_experts), _router(store, out),
-        "<h2>Samples</h2>", _grids(store, config, out, ensemble),
-        "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.allow_external_models, ensemble.device),
     ]
+    _say("sampling the grids (ensemble strategies, each expert)")
+    body += ["<h2>Samples</h2>", _grids(store, config, out, ensemble),
+             "<h2>Evaluation</h2>", _eval(store, config, run_eval, ensemble.allow_external_models, ensemble.device, full)]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>DDM {html.escape(config.name)}</title>" \
            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     index = out / "index.html"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from common.config import RunConfig
 from common.errors import DDMError
-from common.keys import ROUTER, expert_index, export_key, job_prefix, status_key
+from common.keys import ROUTER, expert_index, export_key, job_name, job_prefix, status_key
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
@@ -24,22 +24,40 @@ class TrainFailed(DDMError, RuntimeError):
 
 
 def job_scope(name: str) -> tuple[list[str], list[str]]:
-    """(read-write, read-only) prefixes of a job: its own prefix; the router also reads all latents."""
+    """(read-write, read-only) prefixes of a job: its own prefix and its TensorBoard folder; the router
+    also reads all latents."""
+    from worker.metrics import tensorboard_prefix
+
     if name == ROUTER:
-        return ["router/"], ["data/shards/", "clusters/assignments/"]
-    return [job_prefix(name) + "/"], []
+        return ["router/", tensorboard_prefix(name) + "/"], ["data/shards/", "clusters/assignments/"]
+    return [job_prefix(name) + "/", tensorboard_prefix(name) + "/"], []
 
 
-def build_jobs(config: RunConfig) -> dict:
+def build_jobs(config: RunConfig) -> dict[str, dict]:
+    """Every job's spec on every island that can run it: {job: {island: TrainJob}}.
+
+    An island can run a job when its workers split the job's effective batch (TrainJob checks it);
+    the spec differs per island only in how (micro-batch, workers, device), never in what is trained.
+    """
+    from pydantic import ValidationError
+
     from worker.train import expert_job, router_job
 
-    islands = {i.name: i for i in config.islands.pool}
-    jobs = {}
-    for placement in place_jobs(config):
-        island = islands[placement.island]
-        jobs[placement.job] = (router_job(config, island) if placement.job == ROUTER
-                               else expert_job(config, expert_index(placement.job), island))
+    names = [job_name(k) for k in range(config.clustering.num_experts)] + [ROUTER]
+    jobs: dict[str, dict] = {name: {} for name in names}
+    for island in config.islands.pool:
+        for name in names:
+            try:
+                jobs[name][island.name] = (router_job(config, island) if name == ROUTER
+                                           else expert_job(config, expert_index(name), island))
+            except ValidationError as exc:
+                log.info("%s cannot run on island %s: %s", name, island.name, exc.errors()[0]["msg"])
     return jobs
+
+
+def plan(config: RunConfig, jobs: dict[str, dict]) -> list:
+    """The placement plan over the islands each job can run on (see islands.place_jobs)."""
+    return place_jobs(config, eligible={name: list(specs) for name, specs in jobs.items()})
 
 
 def reconcile_outputs(store: RunStore, names: list[str], fingerprint: str, inputs: dict | None = None) -> set[str]:
@@ -72,15 +90,19 @@ class StatusWriter:
         self.listener = listener
         self.last: dict[str, tuple[str, float]] = {}
         self.retries: dict[str, int] = {}
+        self.islands: dict[str, str] = {}  # the island each job's images were last published under
 
     def __call__(self, state: JobState) -> None:
+        from worker.metrics import count_retry, report_job_images
+
         if self.listener is not None:
             self.listener(state)
         if state.retries > self.retries.get(state.name, 0):
-            from worker.metrics import count_retry
-
             count_retry(state.name, state.island)
             self.retries[state.name] = state.retries
+        if "nimg" in state.progress:
+            report_job_images(state.name, state.island, int(state.progress["nimg"]), self.islands.get(state.name))
+            self.islands[state.name] = state.island
         # Write at once when the state or the node changes, else at most every `every_s`.
         key = f"{state.status.value}|{state.progress.get('node')}"
         previous = self.last.get(state.name)
@@ -91,7 +113,7 @@ class StatusWriter:
         record = JobStatusRecord(
             job=state.name, island=state.island, state=state.status.value, attempts=state.attempts,
             retries=state.retries, nimg=int(p.get("nimg", 0)),
-            duration_nimg=int(p.get("duration_nimg", self.jobs[state.name].training.duration_nimg)),
+            duration_nimg=int(p.get("duration_nimg", next(iter(self.jobs[state.name].values())).training.duration_nimg)),
             loss=p.get("loss"), img_per_s=p.get("img_per_s"), eta_s=p.get("eta_s"), node=p.get("node"),
             last_error=state.last_error, fingerprint=self.fingerprint, updated_at=now_iso())
         self.store.write_bytes(status_key(job_prefix(state.name)), record.model_dump_json(indent=2).encode())
@@ -102,13 +124,18 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
                     listener: Callable[[JobState], None] | None = None,
                     on_tick: Callable[[], None] | None = None, inputs: dict | None = None) -> StageResult:
     jobs = build_jobs(config)
-    placements = place_jobs(config)
+    placements = plan(config, jobs)
     done = reconcile_outputs(store, list(jobs), fingerprint, inputs)
     capacity = {i.name: i.concurrency for i in config.islands.pool}
     status = StatusWriter(store, jobs, fingerprint, listener=listener)
+    from worker.metrics import init_retries
+
+    init_retries({p.job: p.island for p in placements})
     group = make_group(jobs)
     controller = TrainController(placements, capacity, group, config.islands.max_retries,
                                  done=done, on_change=status)
+    for name, state in controller.states.items():  # progress lines show the target before the first report
+        state.progress["duration_nimg"] = next(iter(jobs[name].values())).training.duration_nimg
     result: ControllerResult = controller.run(poll_s=1.0, on_tick=on_tick)
     status.listener = None  # the view has seen every transition; only the records are refreshed
     for state in result.states.values():
@@ -123,8 +150,10 @@ def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
     counts = {"experts": config.clustering.num_experts - len(missing), "skipped": len(done),
               "retries": sum(s.retries for s in result.states.values())}
     return StageResult(counts=counts, details={
-        "missing": missing, "placement": {p.job: p.island for p in placements},
+        "missing": missing, "placement": {name: s.island for name, s in result.states.items()},
+        "planned": {p.job: p.island for p in placements},
         "access": summarize_access(getattr(group, "outcomes", {})),
+        "nodes": {job: outcome.get("nodes", []) for job, outcome in getattr(group, "outcomes", {}).items()},
         "retries": {n: s.retries for n, s in result.states.items()},
         "skipped_jobs": sorted(done)})
 

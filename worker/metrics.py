@@ -1,15 +1,24 @@
-"""Training metrics: Ray metrics (Prometheus via the Ray dashboard agent) and a matmul peak for MFU.
+"""Training metrics: Ray metrics (Prometheus via the Ray dashboard agent), TensorBoard event files in
+the run store, and a matmul peak for MFU.
 
-Gauges ddm_images_seen, ddm_loss, ddm_images_per_second, ddm_eta_seconds and the counter
-ddm_retries_total are tagged (expert, island). Everything here is a no-op when Ray is not initialised,
-so the same training loop runs in a plain process.
+Per job (tags expert, island), set by the job's rank 0: gauges ddm_images_seen, ddm_loss,
+ddm_images_per_second, ddm_eta_seconds. Set by the driver, which outlives every job: the counter
+ddm_retries_total (created at 0 for every job when the train stage starts, so a panel never shows
+"No data") and the gauge ddm_job_images_seen, which keeps each job's count after its actor has exited,
+so run totals summed over it never drop. Ray metrics are a no-op when Ray is not initialised, so the
+same training loop runs in a plain process.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _TAGS = ("expert", "island")
 _METRICS: dict | None = None
@@ -34,6 +43,8 @@ def _metrics() -> dict:
         _METRICS = {name: Gauge(name, description=desc, tag_keys=_TAGS) for name, (_, desc) in _GAUGES.items()}
         _METRICS["ddm_retries_total"] = Counter("ddm_retries_total", description="Retries of a failed training job.",
                                                 tag_keys=_TAGS)
+        _METRICS["ddm_job_images_seen"] = Gauge("ddm_job_images_seen", tag_keys=_TAGS,
+                                                description="Images seen by a training job, kept after it ends (driver).")
     return _METRICS
 
 
@@ -51,6 +62,63 @@ def count_retry(job_name: str, island: str) -> None:
     """Increment ddm_retries_total (called by whoever retries a failed job)."""
     if _ray_ready():
         _metrics()["ddm_retries_total"].inc(1.0, tags={"expert": job_name, "island": island})
+
+
+def init_retries(jobs: dict[str, str]) -> None:
+    """Create ddm_retries_total at 0 for each {job: island}, so rate()/increase() panels have a series."""
+    if not _ray_ready():
+        return
+    counter = _metrics()["ddm_retries_total"]
+    for job_name, island in jobs.items():
+        # Counter.inc refuses 0; recording 0 exports the series at 0 without counting anything.
+        counter._record(0.0, tags={"expert": job_name, "island": island})
+
+
+def report_job_images(job_name: str, island: str, images_seen: int, moved_from: str | None = None) -> None:
+    """Driver-side ddm_job_images_seen: survives the job's actor. A job that moved to another island
+    (a retry placed elsewhere) zeroes its old series, so sums over islands count it once."""
+    if not _ray_ready():
+        return
+    gauge = _metrics()["ddm_job_images_seen"]
+    if moved_from is not None and moved_from != island:
+        gauge.set(0.0, tags={"expert": job_name, "island": moved_from})
+    gauge.set(float(images_seen), tags={"expert": job_name, "island": island})
+
+
+def tensorboard_prefix(job_name: str) -> str:
+    """Where a job's TensorBoard event files live in the run store: `tensorboard --logdir <run>/tb`."""
+    return f"tb/{job_name}"
+
+
+class TensorBoardLog:
+    """One TensorBoard event file per training attempt, under `tb/<job>/` in the run store.
+
+    tensorboardX writes to a local scratch file; after every row the whole file (a few KB) is copied
+    into the store, so the store stays the only place results live, on file://, s3:// or memory://.
+    """
+
+    def __init__(self, store, prefix: str, enabled: bool = True) -> None:
+        self.store, self.prefix, self.writer, self.path = store, prefix, None, None
+        if not enabled:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # optional: Ray ships it; a bare environment still trains
+            log.info("tensorboardX is not installed; no TensorBoard event files for %s", prefix)
+            return
+        self._scratch = tempfile.TemporaryDirectory(prefix="ddm-tb-")
+        self.writer = SummaryWriter(logdir=self._scratch.name, flush_secs=3600)
+
+    def add(self, row: dict, nimg: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key not in ("nimg", "step", "time", "duration_nimg") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", float(value), global_step=nimg)
+        self.writer.flush()
+        for name in os.listdir(self._scratch.name):
+            with open(os.path.join(self._scratch.name, name), "rb") as handle:
+                self.store.write_bytes(f"{self.prefix}/{name}", handle.read())
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None,

@@ -32,7 +32,7 @@ from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, 
 from worker.data import DataOrder, TrainData, load_partition, mix_seed, prefetch, worker_positions
 from worker.devices import autocast, check_training_device, configure_numerics, training_device
 from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
-from worker.metrics import matmul_tflops, report_progress
+from worker.metrics import TensorBoardLog, matmul_tflops, report_progress, tensorboard_prefix
 from worker.microbatch import agree, choose_micro_batch
 from worker.models.dit import build_dit
 from worker.models.router import build_router, calibration_metrics, router_loss
@@ -91,7 +91,8 @@ def job_store(store: RunStore, job: TrainJob) -> ScopedStore:
     cls = RouterManifest if job.kind == "router" else ExpertManifest
     manifest = store.read_record(job.manifest_key, cls)
     refs = (manifest.shards + list(getattr(manifest, "assignments", []))) if manifest else []
-    return store.scoped([job.prefix], read_only=[job.manifest_key] + sorted({r.path for r in refs}))
+    return store.scoped([job.prefix, tensorboard_prefix(job.name)],
+                        read_only=[job.manifest_key] + sorted({r.path for r in refs}))
 
 
 def _build(job: TrainJob, data: TrainData) -> torch.nn.Module:
@@ -149,8 +150,14 @@ def _micro_batch(job: TrainJob, model: torch.nn.Module, data: TrainData, device:
 
 
 def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | None = None,
-          device: torch.device | None = None) -> ExportRecord:
-    """Train `job` to duration_nimg, resuming from its latest committed checkpoint; returns the export."""
+          device: torch.device | None = None,
+          on_report: Callable[[dict, str | None], None] | None = None) -> ExportRecord:
+    """Train `job` to duration_nimg, resuming from its latest committed checkpoint; returns the export.
+
+    `on_progress(row)` runs on rank 0 at each log point. `on_report(row, checkpoint_key)` runs on every
+    rank at each log or checkpoint point (row and key are rank 0's; {} and None elsewhere), for
+    collective reporting such as `ray.train.report`.
+    """
     tc, end = job.training, job.training.duration_nimg
     done = store.read_record(export_key(job.prefix), ExportRecord)
     if done is not None and done.nimg >= end:
@@ -183,10 +190,14 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
         lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
         train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
         nimg, step = nimg + job.batch, step + 1
-        if _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end:
-            meter.log(store, nimg, step, end, on_progress)
-        if rank == 0 and (_crossed(nimg, job.batch, tc.checkpoint_every_nimg) or nimg >= end):
+        logged = _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end
+        row = meter.log(store, nimg, step, end, on_progress) if logged else {}
+        ckpt_key = None
+        if (checkpointed := _crossed(nimg, job.batch, tc.checkpoint_every_nimg) or nimg >= end) and rank == 0:
             save_checkpoint(store, job.prefix, job.name, nimg, step, model, ema, opt, tc.keep_checkpoints, meter.last)
+            ckpt_key = f"{job.prefix}/checkpoints/{nimg:012d}.json"
+        if on_report is not None and (logged or checkpointed):
+            on_report(row, ckpt_key)
         if rank == 0 and job.kind != "router" and (_crossed(nimg, job.batch, tc.sample_every_nimg) or nimg >= end):
             _sample_grid(store, job, ema, nimg, device)
     if rank == 0:
@@ -207,6 +218,7 @@ class _Meter:
         self.job, self.device, self.rank, self.last = job, device, rank, {}
         self.flops = 3 * model.flops_per_image()  # forward + backward ~ 3x forward
         self.peak = matmul_tflops(device, seconds=0.2) * job.num_workers if rank == 0 else 0.0
+        self.tensorboard: TensorBoardLog | None = None  # rank 0's, opened at its first log
         self.start, self.nimg0 = time.perf_counter(), nimg
         self.losses: list[torch.Tensor] = []
         self.stats: list[dict] = []
@@ -216,10 +228,10 @@ class _Meter:
         if stats:
             self.stats.append(stats)
 
-    def log(self, store: RunStore, nimg: int, step: int, end: int, on_progress) -> None:
+    def log(self, store: RunStore, nimg: int, step: int, end: int, on_progress) -> dict:
         if self.rank != 0:
             self.losses, self.stats = [], []
-            return
+            return {}
         loss = torch.cat(self.losses).float().mean().item()  # the only host sync of the interval
         elapsed = time.perf_counter() - self.start
         img_s = (nimg - self.nimg0) / max(elapsed, 1e-9)
@@ -232,10 +244,13 @@ class _Meter:
                                              for k in ("t", "correct", "conf"))))
         store.append_text(f"{self.job.prefix}/metrics.jsonl", json.dumps(row) + "\n")
         report_progress(self.job.name, self.job.island, row)
+        self.tensorboard = self.tensorboard or TensorBoardLog(store, tensorboard_prefix(self.job.name))
+        self.tensorboard.add(row, nimg)
         if on_progress is not None:
             on_progress(row)
         self.last = {k: float(v) for k, v in row.items() if k != "time"}
         self.losses, self.stats, self.start, self.nimg0 = [], [], time.perf_counter(), nimg
+        return row
 
 
 @torch.no_grad()

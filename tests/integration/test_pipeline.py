@@ -50,13 +50,14 @@ def test_isolation_each_expert_touched_only_its_own_prefix(gmm_run) -> None:
     config, _ = gmm_run
     access = RunStore(config.run_uri).read_record("stages/train.json", StageRecord).details["access"]
     for k in (0, 1):
-        mine = f"experts/{k:02d}"
+        mine, tb = f"experts/{k:02d}", f"tb/expert-{k:02d}"  # its prefix and its own TensorBoard folder
         entry = access[f"expert-{k:02d}"]
-        assert entry["read"] and all(d == mine or d.startswith(mine + "/") for d in entry["read"] + entry["write"])
+        assert entry["read"] and all(d == mine or d.startswith(mine + "/") for d in entry["read"])
+        assert all(d in (mine, tb) or d.startswith(mine + "/") for d in entry["write"]) and tb in entry["write"]
         assert not entry["process_group_left"]
     router = access["router"]
     assert all(d.startswith(("router", "data/shards", "clusters/assignments")) for d in router["read"])
-    assert all(d.startswith("router") for d in router["write"])
+    assert all(d.startswith("router") or d == "tb/router" for d in router["write"])
 
 
 def test_expert_reading_outside_its_view_fails_clearly(gmm_run) -> None:

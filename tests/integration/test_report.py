@@ -80,8 +80,26 @@ def test_report_renders_and_every_image_exists(trained_digits, tmp_path, capsys)
         assert not re.match(r"^[a-z]+:", src), f"{src}: reports may not reference network or absolute assets"
         assert (out / src).is_file() and (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
     assert not refs.hrefs and "http" not in page.split("</style>")[1]
-    for section in ("Clusters", "Training", "Samples", "Evaluation", "class_acc"):
+    for section in ("Run", "Clusters", "Training", "Samples", "Evaluation", "Config used"):
         assert section in page
+    # Metric names with units and direction, not raw keys.
+    assert "class accuracy, fraction of samples classified as their label (higher is better)" in page
+    assert "FD, Fréchet distance of classifier features (lower is better)" in page and "<th>fd</th>" not in page
+
+
+def test_report_runs_a_quick_evaluation_with_progress(trained_digits, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_digits, run)
+    store = RunStore(str(run))
+    store.delete("eval")
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert "report: evaluating 3 strategies x 40 samples (quick; --full for eval.num_samples = 40)" in err
+    assert re.search(r"report: \[\s*\d+s\] sampling 40 with top1", err), err
+    # This run sets eval.num_samples = 40, under QUICK_SAMPLES.
+    assert json.loads(store.read_bytes("eval/results.json"))["num_samples"] == 40
 
 
 def test_sample_export_and_bad_usage(trained_digits, tmp_path, capsys):

@@ -29,6 +29,7 @@ def _free_port() -> int:
 
 
 TOKEN = uuid.uuid4().hex + uuid.uuid4().hex  # this head's own token, never ~/.ray/auth_token
+HEAD: dict[str, str] = {}  # the head's GCS address, for `ddm run --address`
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -67,10 +68,12 @@ def ray_head():
     """A local Ray head with the dashboard (job server) on 127.0.0.1, every port chosen free."""
     temp = f"/tmp/ddmsub{os.getpid()}"  # short: Unix socket paths are capped near 107 bytes
     dash = _free_port()
-    cmd = ["ray", "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
+    HEAD["gcs"] = f"127.0.0.1:{_free_port()}"
+    cmd = ["ray", "start", "--head", "--block", f"--port={HEAD['gcs'].split(':')[1]}", "--include-dashboard=true",
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", "--num-cpus=1", f"--object-store-memory={150 * 2**20}",
+           f"--metrics-export-port={_free_port()}", "--num-cpus=2",
+           '--resources={"island-a": 2, "island-b": 2}',  # the gmm preset's islands, as a cluster's nodes carry them f"--object-store-memory={150 * 2**20}",
            f"--temp-dir={temp}", "--disable-usage-stats"]
     log = open(f"{temp}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(RAY_AUTH_MODE="token"),
@@ -166,6 +169,67 @@ def test_a_wrong_token_is_one_clear_line(ray_head):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: the Ray job server at {ray_head} refused us"), lines
     assert "RAY_AUTH_TOKEN" in lines[0]
+
+
+# A short gmm run (two experts, a router) whose train stage starts Ray actors inside the job.
+TINY_RUN = ["--preset", "gmm", "--until", "train", "--set", "data.gmm_items=512", "--set", "data.gmm_components=2",
+            "--set", "clustering.num_experts=2", "--set", "clustering.num_fine_centroids=8",
+            "--set", "training.duration_nimg=1024", "--set", "router.training.duration_nimg=512",
+            "--set", "prepare.num_workers=1", "--set", "islands.simulate=false"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_readme_submit_with_the_runtime_env_runs_to_completion(ray_head, tmp_path):
+    """`ray job submit --runtime-env deploy/runtime_env.yaml` and `ddm submit --runtime-env ...`: the job's
+    env vars (RAY_TRAIN_ENABLE_STATE_TRACKING, TOKENIZERS_PARALLELISM) win over the driver's defaults
+    instead of failing ray.init's runtime-env merge."""
+    from ray.job_submission import JobSubmissionClient
+
+    env = _env(RAY_AUTH_MODE="token")  # the plain Ray CLI sends the token only in token mode
+    plain_store, ddm_store = tmp_path / "plain", tmp_path / "ddm"
+    cli = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--working-dir", ".",
+                          "--runtime-env", "deploy/runtime_env.yaml", "--", "python", "-m", "orchestrator", "run",
+                          "--run", str(plain_store), *TINY_RUN], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    out = cli.stdout + cli.stderr
+    assert cli.returncode == 0 and "succeeded" in out, out[-3000:]
+    assert "Failed to merge" not in out
+    assert (plain_store / "router" / "export.json").is_file() and (plain_store / "experts/01/export.json").is_file()
+
+    result = _ddm("submit", "--address", ray_head, "--runtime-env", "deploy/runtime_env.yaml", "--",
+                  "run", "--run", str(ddm_store), *TINY_RUN, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    job_id = result.stdout.splitlines()[0].split()[2]
+    assert result.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    assert (ddm_store / "router" / "export.json").is_file()
+    client = JobSubmissionClient(ray_head, headers={"authorization": f"Bearer {TOKEN}"})
+    info = client.get_job_info(job_id)
+    assert info.runtime_env["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+    assert "pip" in info.runtime_env
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cluster_mode_refuses_a_store_inside_the_jobs_working_dir(ray_head, checkout):
+    result = _ddm("submit", "--address", ray_head, "--working-dir", str(checkout), "--",
+                  "run", "--run", "runs/x", *TINY_RUN)
+    assert result.returncode == 1
+    assert "error: run store runs/x resolves to " in result.stdout and "runtime_resources" in result.stdout
+    assert "s3://" in result.stdout and "--allow-local-store" in result.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ddm_run_against_a_token_head_without_its_token_is_one_line(ray_head, tmp_path):
+    t0 = time.monotonic()
+    result = _ddm("run", "--address", HEAD["gcs"], "--run", str(tmp_path / "run"), "--quiet",
+                  RAY_AUTH_TOKEN="0" * 64, RAY_AUTH_MODE="token")
+    assert time.monotonic() - t0 < 60  # imports included; the refusal itself is immediate
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: the Ray cluster at {HEAD['gcs']} refused our token; set RAY_AUTH_MODE=token and "
+                     "RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH)"], lines
 
 
 def test_entrypoint_defaults_to_run():

@@ -81,3 +81,67 @@ def test_unknown_island_is_refused() -> None:
 
     with pytest.raises(ValueError, match="without capacity"):
         make(P, {"a": 1})
+
+
+class TimedGroup(FakeGroup):
+    """Each attempt finishes after cost / speed ticks of its island: a simulated clock, no sleeping."""
+
+    def __init__(self, cost: dict[str, float], speed: dict[str, float]) -> None:
+        super().__init__()
+        self.cost, self.speed, self.now = cost, speed, 0
+        self.ends: dict[str, float] = {}
+
+    def launch(self, job: str, island: str, attempt: int) -> None:
+        super().launch(job, island, attempt)
+        self.ends[job] = self.now + self.cost[job] / self.speed[island]
+
+    def poll(self, timeout_s: float) -> list:
+        self.now += 1
+        done = [job for job, end in self.ends.items() if end <= self.now]
+        for job in done:
+            del self.ends[job]
+        return [Finished(job) for job in sorted(done)]
+
+
+def _run_timed(placements, speed, capacity):
+    group = TimedGroup({p.job: p.expected_cost for p in placements}, speed)
+    ctl = TrainController(placements, capacity, group, max_retries=0)
+    ctl.run(poll_s=0)
+    return group, ctl
+
+
+def test_fast_island_takes_pending_jobs_planned_for_a_slow_one() -> None:
+    # The plan split four equal experts 2 / 2; island "slow" turns out 4x slower than "fast".
+    speed = {"fast": 4.0, "slow": 1.0}
+    dynamic = [Placement(f"expert-0{k}", island, 8, eligible=(island, other))
+               for k, (island, other) in enumerate([("fast", "slow"), ("slow", "fast")] * 2)]
+    group, ctl = _run_timed(dynamic, speed, {"fast": 1, "slow": 1})
+    ran_on = {job: island for job, island, _ in group.launched}
+    assert ran_on["expert-00"] == "fast" and ran_on["expert-01"] == "slow"
+    # expert-03 was planned for the busy slow island: the fast one took it as soon as it was free.
+    assert ran_on["expert-02"] == "fast" and ran_on["expert-03"] == "fast"
+    assert {s.island for s in ctl.states.values()} == {"fast", "slow"}
+    assert all(s.status == JobStatus.SUCCEEDED for s in ctl.states.values())
+    dynamic_ticks = group.now
+
+    static = [Placement(p.job, p.island, p.expected_cost) for p in dynamic]  # planned island only
+    group, _ = _run_timed(static, speed, {"fast": 1, "slow": 1})
+    assert {job: island for job, island, _ in group.launched} == {p.job: p.island for p in static}
+    assert dynamic_ticks < group.now  # 8 vs 16 simulated ticks
+
+
+def test_pinned_jobs_wait_for_their_island() -> None:
+    placements = [Placement("expert-00", "slow", 8, eligible=("slow",), pinned=True),
+                  Placement("expert-01", "slow", 8, eligible=("slow",), pinned=True),
+                  Placement("expert-02", "fast", 2, eligible=("fast", "slow"))]
+    group, _ = _run_timed(placements, {"fast": 4.0, "slow": 1.0}, {"fast": 1, "slow": 1})
+    assert [(job, island) for job, island, _ in group.launched] == [
+        ("expert-00", "slow"), ("expert-02", "fast"), ("expert-01", "slow")]  # never on the idle fast island
+
+
+def test_a_gpu_island_packs_one_expert_per_slot() -> None:
+    # An island of 4 GPUs with num_workers 1 has 4 slots: four pending experts start at once.
+    placements = [Placement(f"expert-0{k}", "gpu4", 8, eligible=("gpu4",)) for k in range(5)]
+    ctl, group, _ = make(placements, {"gpu4": 4})
+    assert [d.job for d in ctl.step()] == ["expert-00", "expert-01", "expert-02", "expert-03"]
+    assert ctl.running_on("gpu4") == 4 and ctl.states["expert-04"].status == JobStatus.PENDING

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 EXAMPLE = DEPLOY / "islands.example.yaml"
 METRICS = ["ray_ddm_images_seen", "ray_ddm_loss", "ray_ddm_images_per_second", "ray_ddm_eta_seconds",
-           "ray_ddm_retries_total"]
+           "ray_ddm_retries_total", "ray_ddm_job_images_seen"]
 DRIVER_SLICE = 0.001  # what a multi-worker group's driver actor holds of its island's resource
 
 
@@ -92,28 +92,52 @@ def test_cluster_launcher_yaml_is_valid_for_ray_and_carries_islands(example):
     assert "pip install -e ~/ddm-islands" in setup and raw["file_mounts"]["~/ddm-islands"] == "."
 
 
-def _ray_start_resources(params: dict) -> dict[str, float]:
-    raw = params.get("resources", "{}").strip()
-    if raw.startswith('"') and raw.endswith('"'):
-        raw = raw[1:-1].replace('\\"', '"')  # KubeRay's quoted form: '"{\"island-x\": 1}"'
-    return json.loads(raw)
+# Field names of the RayCluster CRD (ray.io/v1) in KubeRay 1.5 and later, from
+# ray-operator/config/crd/bases/ray.io_rayclusters.yaml: group-level `labels` and `resources` (maps
+# of strings) arrived in 1.5.0, and the operator then rejects rayStartParams["labels"].
+HEAD_GROUP_FIELDS = {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
+                     "serviceType", "template"}
+WORKER_GROUP_FIELDS = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
+                       "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
+WORKER_GROUP_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
+CLUSTER_FIELDS = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+                  "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy",
+                  "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"}
+RAY_START_RESOURCE_PARAMS = {"num-cpus", "num-gpus", "memory", "resources"}
+
+
+def _check_group_fields(group: dict, allowed: set[str], where: str) -> None:
+    from ray._private.label_utils import validate_node_label_syntax
+
+    assert set(group) <= allowed, f"{where}: fields unknown to the RayCluster CRD: {sorted(set(group) - allowed)}"
+    params = group.get("rayStartParams", {})
+    # KubeRay >= 1.5: "rayStartParams['labels'] is not supported ... use the top-level Labels field".
+    assert "labels" not in params, f"{where}: labels belong in the group's top-level `labels`"
+    # ... and resources in one place only ("should not be set in both rayStartParams and Resources").
+    assert not (group.get("resources") and RAY_START_RESOURCE_PARAMS & set(params)), where
+    assert all(isinstance(v, str) for v in params.values()), f"{where}: rayStartParams values must be strings"
+    for key in ("labels", "resources"):
+        assert all(isinstance(v, str) for v in group.get(key, {}).values()), f"{where}: {key} values must be strings"
+    validate_node_label_syntax(group.get("labels", {}))
 
 
 def _check_kuberay_spec(spec: dict, example: RunConfig, where: str) -> dict[str, dict]:
-    from ray._private.label_utils import parse_node_labels_string
-
+    assert set(spec) <= CLUSTER_FIELDS, f"{where}: {sorted(set(spec) - CLUSTER_FIELDS)}"
+    _check_group_fields(spec["headGroupSpec"], HEAD_GROUP_FIELDS, f"{where} head")
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for name, group in groups.items():
+        _check_group_fields(group, WORKER_GROUP_FIELDS, f"{where} {name}")
+        assert WORKER_GROUP_REQUIRED <= set(group), f"{where} {name}: missing {WORKER_GROUP_REQUIRED - set(group)}"
     for island in example.islands.pool:
         found = []
         for name, group in groups.items():
-            params = group["rayStartParams"]
-            resources = _ray_start_resources(params)
-            labels = parse_node_labels_string(params.get("labels", ""))  # validates label syntax too
+            resources = {k: float(v) for k, v in group.get("resources", {}).items()}
+            labels = group.get("labels", {})
             if all(k in resources for k in island.resources) and \
                     all(labels.get(k) == v for k, v in island.label_selector.items()):
                 container = group["template"]["spec"]["containers"][0]
                 limits = container["resources"]["limits"]
-                cpus = float(params.get("num-cpus", limits["cpu"]))
+                cpus = float(group["rayStartParams"].get("num-cpus", limits["cpu"]))
                 _fits(island, resources, cpus, float(limits.get("nvidia.com/gpu", 0)), f"{where} {name}")
                 assert group["maxReplicas"] >= max(group["minReplicas"], 1) and group["replicas"] <= group["maxReplicas"]
                 found.append(name)
