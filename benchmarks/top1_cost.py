@@ -81,22 +81,27 @@ def run_case(name: str, case: tuple, device: str, repeats: int) -> dict:
     C, H, patch, ed, rd, K, batch, cfg, classes = case
     torch.manual_seed(0)
     common = dict(in_channels=C, input_size=(H, H), patch_size=patch, conditioning="class", num_classes=classes)
-    experts = [DiT(**common, **ed).to(device).eval() for _ in range(K)]
+    with torch.device(device):  # initialised where they run: K XL/2 experts take minutes to initialise on a CPU
+        experts = [DiT(**common, **ed).eval() for _ in range(K)]
+        router = Router(in_channels=C, input_size=(H, H), patch_size=patch, num_experts=K, **rd).eval()
     for e in experts:  # non-zero outputs (a fresh DiT outputs zeros)
         torch.nn.init.normal_(e.final.linear.weight, std=0.02)
-    router = Router(in_channels=C, input_size=(H, H), patch_size=patch, num_experts=K, **rd).to(device).eval()
-    torch.nn.init.normal_(router.head.weight, std=1.0)  # spreads rows over all experts
+    spread = 100.0 * torch.nn.functional.one_hot(torch.arange(batch, device=device) % K, K)  # [batch, K]
     cond = torch.arange(batch, device=device) % classes
     x = torch.randn(batch, C, H, H, device=device)
     t = torch.full((batch,), 0.5, device=device)
     fns = [guided(e, cfg, e.null_class) for e in experts]
-    top1 = EnsembleVelocity(fns, lambda x, t: router(x, t), "top1", cond=cond)
+    # The router's forward is paid in full; a fixed offset then spreads the rows evenly over the K experts
+    # (B / K rows each: the most dispatch work top-1 can meet). A freshly initialised router sends every row
+    # to the same expert, which would measure one expert, not the dispatch.
+    route = lambda x, t: router(x, t) + spread  # noqa: E731
+    top1 = EnsembleVelocity(fns, route, "top1", cond=cond)
     single = lambda x, t: fns[0](x, t, cond)  # noqa: E731
-    routed = torch.bincount(router(x, t).argmax(1), minlength=K).tolist()
+    routed = torch.bincount(route(x, t).argmax(1), minlength=K).tolist()
     t_single, t_top1 = _time(single, x, t, repeats), _time(top1, x, t, repeats)
     t_exact = t_top1  # on CPU top-1 is the exact (unpadded) dispatch; on CUDA time it beside the bucketed one
     if x.is_cuda:
-        t_exact = _time(EnsembleVelocity(fns, lambda x, t: router(x, t), "top1", cond=cond, bucket=False), x, t, repeats)
+        t_exact = _time(EnsembleVelocity(fns, route, "top1", cond=cond, bucket=False), x, t, repeats)
     f_single, f_top1 = _flops(single, x, t), _flops(top1, x, t)
     return {"case": name, "device": torch.cuda.get_device_name() if x.is_cuda else "cpu", "batch": batch, "K": K,
             "cfg": cfg, "rows_per_expert": routed,
@@ -104,7 +109,8 @@ def run_case(name: str, case: tuple, device: str, repeats: int) -> dict:
             "ms_per_step_top1_unbucketed": round(t_exact * 1e3, 3),
             "time_ratio": round(t_top1 / t_single, 3), "gflops_single": round(f_single / 1e9, 4),
             "gflops_top1": round(f_top1 / 1e9, 4), "flop_ratio": round(f_top1 / f_single, 3),
-            "host_syncs_per_step_top1": _host_syncs(top1, x, t), "threads": torch.get_num_threads()}
+            "host_syncs_per_step_single": _host_syncs(single, x, t), "host_syncs_per_step_top1": _host_syncs(top1, x, t),
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
