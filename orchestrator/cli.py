@@ -26,8 +26,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from worker.budget import format_budget, training_budget
+
     config = resolve_config(args.preset, args.config, args.overrides)
-    sys.stdout.write(to_yaml(config))
+    sys.stdout.write(to_yaml(config) + format_budget(training_budget(config)))
     return 0
 
 

@@ -247,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("distill", help="distil the ensemble into one dense student (paper §3.6)")
     d.add_argument("run")
-    d.add_argument("--nimg", type=_positive, help="images the student sees (default: training.duration_nimg)")
+    d.add_argument("--nimg", type=_positive, help="images the student sees (default: one expert's images)")
     d.add_argument("--batch", type=_positive, help="images per step (default: training.global_batch)")
     d.add_argument("--lr", type=float)
     d.add_argument("--seed", type=int, default=0)

@@ -178,7 +178,7 @@ def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensem
     manifest: EnsembleManifest = ensemble.manifest
     missing = f"; missing experts {manifest.missing}" if manifest.missing else ""
     summary = (f"{store.url}: {config.data.source}, K = {manifest.num_experts}{missing}, model "
-               f"{config.model.size}/{config.model.patch_size}, {config.training.duration_nimg:,} images per expert.")
+               f"{config.model.size}/{config.model.patch_size}, {config.expert_nimg:,} images per expert.")
     body = [  # every string from the run store is escaped: a source name or a note is text, never markup
         f"<h1>DDM run {html.escape(config.name)}</h1>",
         f"<p>{html.escape(summary)}</p>",
