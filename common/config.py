@@ -182,6 +182,8 @@ class RouterConfig(Strict):
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(global_batch=64, total_nimg=96_000,
                                                                             timestep_sampling="uniform"))
     island: str | None = Field(None, description="Island that trains the router; None = the first island.")
+    # model.conditioning = class trains p(k | x_t, t, c) (class-conditional routing); with conditioning = none,
+    # class-conditional sampling adds the cluster class prior log p(c | k) to the router's logits instead.
 
 
 class IslandConfig(Strict):
@@ -256,7 +258,8 @@ class SamplingConfig(RoutingConfig):
 
 
 class EvalConfig(Strict):
-    num_samples: int = Field(512, ge=1, le=1_000_000)
+    num_samples: int = Field(512, ge=1, le=1_000_000, description="Samples per strategy and sampling seed.")
+    seeds: int = Field(3, ge=1, le=1000, description="Sampling seeds per strategy; metrics: mean and 95% interval over them.")
     strategies: list[Strategy] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
     inception_path: None = Field(None, description="Always null: a run never names code or weights to load for FID; "
                                  "they come from `ddm eval --inception PATH` or DDM_INCEPTION_WEIGHTS.")

@@ -142,10 +142,10 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
-    keys = list(dict.fromkeys(k for r in results["rows"] for k in r))
-    parts = [_table([[r.get(k, "") for k in keys] for r in results["rows"]], keys)]
-    if results.get("reference"):
-        parts.append("<p>Reference: " + html.escape(", ".join(f"{k} = {v}" for k, v in results["reference"].items())) + "</p>")
+    from worker.evaluate import metric_table, reference_lines
+
+    header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds
+    parts = [_table(cells, header)] + [f"<p>{html.escape(line)}</p>" for line in reference_lines(results)]
     fields = results.get("gmm_fields")
     if fields:
         fk = [k for k in fields if k != "t"]
