@@ -24,9 +24,10 @@ class TrainFailed(DDMError, RuntimeError):
 
 
 def job_scope(name: str) -> tuple[list[str], list[str]]:
-    """(read-write, read-only) prefixes of a job: its own prefix; the router also reads all latents."""
+    """(read-write, read-only) prefixes of a job: its own prefix; the router also reads every expert's
+    partition (training rows only: held-out rows are in none) and their cluster labels."""
     if name == ROUTER:
-        return ["router/"], ["data/shards/", "clusters/assignments/"]
+        return ["router/"], ["experts/", "clusters/router/"]
     return [job_prefix(name) + "/"], []
 
 
