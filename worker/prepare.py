@@ -212,10 +212,11 @@ class ShardWriter:
 def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """True for the rows held out for evaluation: a seeded splitmix64 hash of the global row index,
     mapped to [0, 1), below `fraction`. Decided row by row, so any order or parallelism agrees."""
-    x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as the hash intends
+        x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
