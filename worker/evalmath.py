@@ -58,6 +58,16 @@ class GMM:
         """Exact marginal velocity u(x_t) [B, D] (paper eq. 7 with the true posterior)."""
         return (self.posterior(x, t)[:, :, None] * self.expert_velocity(x, t)).sum(1)
 
+    def routed_velocity(self, x: Tensor, t: Tensor, cluster_of_component: Tensor) -> Tensor:
+        """Exact top-1 routing [B, D]: the velocity of the cluster with the largest p(k | x_t, t), where
+        cluster k's exact velocity mixes its own components, sum_{c in k} p(c | x_t, k) E[v | x_t, c]."""
+        p = self.posterior(x, t)                                                        # [B, C]
+        K = int(cluster_of_component.max()) + 1
+        p_cluster = torch.zeros(p.shape[0], K, dtype=p.dtype).index_add_(1, cluster_of_component, p)
+        chosen = (cluster_of_component[None] == p_cluster.argmax(1)[:, None]).to(p.dtype)  # [B, C]
+        within = p * chosen / (p * chosen).sum(1, keepdim=True)
+        return (within[:, :, None] * self.expert_velocity(x, t)).sum(1)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) [B] under the data mixture (t = 0)."""
         return self._gauss_logits(x, torch.zeros(x.shape[0]))[0].logsumexp(-1)
