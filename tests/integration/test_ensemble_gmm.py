@@ -1,7 +1,7 @@
 """After a short real training on a Gaussian mixture, the DFM maths holds against the closed forms.
 
-The run goes through the real prepare and cluster stages (builtin:gmm, two-stage k-means: the clusters
-are found, not given), then the real training loop. Stated tolerances (16k images per expert and for the
+The mixture's rows go through the real cluster stage (two-stage k-means on the coordinates: the
+clusters are found, not given), then the real training loop. Stated tolerances (16k images per expert and for the
 router, the tiny DiT, CPU):
 - router posterior: total variation to the true p(k | x_t, t) <= 0.2 at every t of eval.t_grid;
 - ensemble velocity (full, eq. 7): E||v - u||^2 / E||u||^2 <= 0.25 at every t, and <= 0.05 for t >= 0.6;
@@ -16,29 +16,23 @@ import pytest
 import torch
 
 from common.storage import RunStore
-from tests.integration.ensemble_runs import gmm_config, train_all
+from tests.integration.ensemble_runs import gmm_config, gmm_run, train_all
 from worker.ensemble import Ensemble
 from worker.evaluate import GMMJudge
 from worker.evalmath import mode_coverage
 from worker.flow import sample
 from worker.gather import gather
 from worker.partition import cluster_data
-from worker.prepare import prepare_data
 
 
 @pytest.fixture(scope="module")
 def trained_gmm(tmp_path_factory):
     torch.set_num_threads(1)
     url = str(tmp_path_factory.mktemp("gmm") / "run")
-    tree = gmm_config(url, K=4, nimg=16_000, router_nimg=16_000).model_dump(mode="json")
-    tree["data"]["gmm_items"] = 4096
-    config = type(gmm_config(url)).model_validate(tree)
+    config = gmm_config(url, K=4, nimg=16_000, router_nimg=16_000)
     store = RunStore(url)
-    from orchestrator.stages import StageRunner
-
-    StageRunner(store, config).write_run_record()
-    prepare_data(config, store)
-    cluster_data(config, store)  # two-stage k-means on the pixels: clusters are found, not given
+    gmm_run(store, config)       # the mixture's rows (and its parameters in dataset.json)
+    cluster_data(config, store)  # the real cluster stage: two-stage k-means finds the clusters, nothing is given
     train_all(store, config)
     gather(config, store)
     return config, store
