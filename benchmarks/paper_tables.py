@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
              "", "Table 2 (K at equal total training images, top-1):", "", md_table(rows["table2"], metrics, "K"), "",
              "Separated by the intervals (Fréchet distance): " + ("; ".join(orderings(rows["table2"], "fd")) or "none"),
              "", "Router (K = 4, top-1, same experts):", "", md_table(rows["router"], metrics, "router"), "",
-             "Separated by the intervals: " + ("; ".join(orderings(rows["router"], "fd") + orderings(rows["router"], "class_acc")) or "none"),
+             "Separated by the intervals: "
+             + ("; ".join(orderings(rows["router"], "fd") + orderings(rows["router"], "class_acc")) or "none"),
              "", "Plots: " + ", ".join(f"`{results / i}`" for i in images)]
     for r in rows["router"]:
         router = r.get("router")

@@ -69,7 +69,9 @@ class DataConfig(Strict):
     label_source: Literal["none", "folder", "file", "builtin"] = Field("builtin", description="Where class labels come from.")
     labels_file: str | None = Field(None, description="labels.jsonl or labels.csv (key,label) relative to the source, for label_source=file.")
     captions: bool = Field(False, description="Read captions (sibling .txt, or .txt/.json in tar shards).")
-    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Seeded fraction of rows held out for evaluation (data/holdout/): no expert, router or clustering fit sees them; ddm eval measures against them.")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Seeded fraction of rows held out for evaluation (data/holdout/): no expert, router or clustering fit "
+        "sees them; ddm eval measures against them."))
     duplicate_policy: Literal["keep", "quarantine"] = Field("quarantine", description="What to do with byte-identical content seen before.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Decompression-bomb limit: images with more pixels are quarantined.")
     max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are quarantined unread.")
@@ -155,15 +157,21 @@ class ModelConfig(Strict):
 
 class TrainingConfig(Strict):
     global_batch: int = Field(256, ge=1, description="Images per optimizer step summed over all experts; each expert gets global_batch / K (FLOP matching).")
-    total_nimg: int = Field(384_000, ge=1, description="Training images over all K experts together, split evenly (total_nimg // K each), so K = 1 and K = 8 get the same training FLOPs by construction. In router.training: the router's own images.")
-    duration_nimg: int | None = Field(None, ge=1, description="Explicit per-expert (or router) override: when set it wins over total_nimg, and the experts' total becomes K x duration_nimg. None = derive from total_nimg.")
+    total_nimg: int = Field(384_000, ge=1, description=(
+        "Training images over all K experts together, split evenly (total_nimg // K each), so K = 1 and K = 8 get "
+        "the same training FLOPs by construction. In router.training: the router's own images."))
+    duration_nimg: int | None = Field(None, ge=1, description=(
+        "Explicit per-expert (or router) override: when set it wins over total_nimg, and the experts' total "
+        "becomes K x duration_nimg. None = derive from total_nimg."))
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_nimg: int = Field(0, ge=0, description="Linear lr warmup; 0 = constant lr (paper).")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(True, description="Use decay min(ema_decay, (1+step)/(10+step)) so short runs give usable EMA weights.")
     grad_clip: float | None = Field(1.0, gt=0)
-    timestep_sampling: Literal["uniform", "logit_normal"] = Field("logit_normal", description="Training times t: logit_normal spends the budget at intermediate t (experts); uniform covers t near 1 as often as anywhere, where sampling starts (the router's default).")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field("logit_normal", description=(
+        "Training times t: logit_normal spends the budget at intermediate t (experts); uniform covers t near 1, "
+        "where sampling starts, as often as anywhere (the router's default)."))
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; CPU always runs fp32.")
     compile: bool | Literal["auto"] = Field(False, description="torch.compile the model: true = always, auto = on CUDA only, false = never.")
     tf32: bool = Field(True, description="fp32 matmuls/convolutions on CUDA use TF32 tensor cores (~8x fp32 rate; weights, loss and optimizer stay fp32).")

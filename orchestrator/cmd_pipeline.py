@@ -48,8 +48,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.expert is None:
             raise UsageError("status --files: name the expert (--expert K)")
         keys = expert_files(RunStore(args.run), args.expert)
-        print(json.dumps(keys, indent=2) if args.json else "
-".join(keys))
+        print(json.dumps(keys, indent=2) if args.json else "\n".join(keys))
         print(f"expert {args.expert}: {len(keys)} training rows", file=sys.stderr)
         return 0
     status = collect_status(RunStore(args.run))

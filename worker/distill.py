@@ -37,7 +37,7 @@ PREFIX = "student"
 class DistillConfig(BaseModel):
     """Student training; None fields fall back to the run's expert settings (config.model/training)."""
     model_config = ConfigDict(extra="forbid")
-    duration_nimg: int | None = Field(None, ge=1, description="Images the student sees; None = one expert's images (RunConfig.expert_nimg).")
+    duration_nimg: int | None = Field(None, ge=1, description="Images the student sees; None = one expert's images.")
     batch: int | None = Field(None, ge=1, description="Images per step; None = training.global_batch.")
     lr: float | None = Field(None, gt=0)
     log_every_nimg: int = Field(4096, ge=1)

@@ -406,7 +406,8 @@ def to_markdown(results: dict) -> str:
     seeds = results.get("seeds", [0])
     lines = [f"## Evaluation of {results['run']}", "",
              f"{results['source']}: {results['num_samples']} samples per strategy and seed, {s['steps']} {s['solver']} "
-             f"steps, CFG {s['cfg_scale']}; experts {results['experts']}" + (f", missing {results['missing']}" if results["missing"] else ""),
+             f"steps, CFG {s['cfg_scale']}; experts {results['experts']}"
+             + (f", missing {results['missing']}" if results["missing"] else ""),
              "", f"Each metric: mean ± 95% interval (Student t) over {len(seeds)} sampling seeds {seeds}.", ""]
     header, cells = metric_table(results)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -418,7 +419,8 @@ def to_markdown(results: dict) -> str:
     if router:
         lines += ["", f"Router on {router['rows']} noised held-out rows per t-bucket (target: the row's k-means "
                   "cluster): top-1 accuracy / ECE", "",
-                  "| t | " + " | ".join(v.replace("|", "\\|") for v in router["variants"]) + " |", "|" + "---|" * (len(router["variants"]) + 1)]
+                  "| t | " + " | ".join(v.replace("|", "\\|") for v in router["variants"]) + " |",
+                  "|" + "---|" * (len(router["variants"]) + 1)]
         for i, bucket in enumerate(router["t_buckets"]):
             lines.append(f"| {bucket} | " + " | ".join(f"{v['accuracy'][i]:.3f} / {v['ece'][i]:.3f}"
                                                         for v in router["variants"].values()) + " |")

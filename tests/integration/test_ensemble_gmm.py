@@ -18,8 +18,8 @@ import torch
 from common.storage import RunStore
 from tests.integration.ensemble_runs import gmm_config, gmm_run, train_all
 from worker.ensemble import Ensemble
-from worker.evaluate import GMMJudge
 from worker.evalmath import mode_coverage
+from worker.evaluate import GMMJudge
 from worker.flow import sample
 from worker.gather import gather
 from worker.partition import cluster_data

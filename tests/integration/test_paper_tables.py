@@ -1,4 +1,4 @@
-"""benchmarks/paper_tables.py at tiny scale: real `ddm run`s, one JSON artefact per row, tables and plots."""
+"""benchmarks/paper_tables.py at tiny scale: real training and `ddm eval`, one JSON artefact per row, tables, plots."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ def test_an_ordering_is_stated_only_where_intervals_separate():
     assert not paper_tables.separated(_row("x", 1.0, None), _row("y", 9.0, None), "fd")  # one seed: no claim
 
 
-@pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.slow  # trains five small runs in-process (no Ray) and evaluates each
 def test_paper_tables_writes_an_artefact_per_row(tmp_path):
     results = tmp_path / "results"
     paper_tables.main(["--out-dir", str(tmp_path / "runs"), "--results", str(results), "--ks", "4,8",

@@ -19,7 +19,6 @@ from worker.gather import gather
 from worker.partition import cluster_data
 from worker.prepare import prepare_data
 
-
 pytestmark = pytest.mark.slow  # the fixture trains two experts and the router for real (~1 min on a quiet core)
 
 TRAIN_NIMG = 16_384     # per expert: recognisable digits (8,192 gave class accuracy 0.21 ± 0.10, 3 seeds x 64)
