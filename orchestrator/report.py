@@ -142,7 +142,7 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
-    from worker.evaluate import metric_table, reference_lines
+    from worker.evaltable import metric_table, reference_lines
 
     header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds
     parts = [_table(cells, header)] + [f"<p>{html.escape(line)}</p>" for line in reference_lines(results)]
