@@ -6,8 +6,17 @@ from datetime import datetime, timezone
 
 from common.errors import UsageError
 from common.keys import export_key, status_key
-from common.manifests import (CheckpointRecord, DatasetManifest, ExpertManifest, ExportRecord, FileRef,
-                              JobStatusRecord, ManifestError, RunRecord, StageRecord)
+from common.manifests import (
+    CheckpointRecord,
+    DatasetManifest,
+    ExpertManifest,
+    ExportRecord,
+    FileRef,
+    JobStatusRecord,
+    ManifestError,
+    RunRecord,
+    StageRecord,
+)
 from common.storage import RunStore
 from orchestrator.lease import read_lease
 from orchestrator.stages import STAGES, stage_summary
