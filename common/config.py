@@ -69,6 +69,9 @@ class DataConfig(Strict):
     label_source: Literal["none", "folder", "file", "builtin"] = Field("builtin", description="Where class labels come from.")
     labels_file: str | None = Field(None, description="labels.jsonl or labels.csv (key,label) relative to the source, for label_source=file.")
     captions: bool = Field(False, description="Read captions (sibling .txt, or .txt/.json in tar shards).")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Seeded fraction of rows held out for evaluation (data/holdout/): no expert, router or clustering fit "
+        "sees them; ddm eval measures against them."))
     duplicate_policy: Literal["keep", "quarantine"] = Field("quarantine", description="What to do with byte-identical content seen before.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Decompression-bomb limit: images with more pixels are quarantined.")
     max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are quarantined unread.")
@@ -154,14 +157,21 @@ class ModelConfig(Strict):
 
 class TrainingConfig(Strict):
     global_batch: int = Field(256, ge=1, description="Images per optimizer step summed over all experts; each expert gets global_batch / K (FLOP matching).")
-    duration_nimg: int = Field(96_000, ge=1, description="Images each expert (or the router) sees in training.")
+    total_nimg: int = Field(384_000, ge=1, description=(
+        "Training images over all K experts together, split evenly (total_nimg // K each), so K = 1 and K = 8 get "
+        "the same training FLOPs by construction. In router.training: the router's own images."))
+    duration_nimg: int | None = Field(None, ge=1, description=(
+        "Explicit per-expert (or router) override: when set it wins over total_nimg, and the experts' total "
+        "becomes K x duration_nimg. None = derive from total_nimg."))
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_nimg: int = Field(0, ge=0, description="Linear lr warmup; 0 = constant lr (paper).")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(True, description="Use decay min(ema_decay, (1+step)/(10+step)) so short runs give usable EMA weights.")
     grad_clip: float | None = Field(1.0, gt=0)
-    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field("logit_normal", description=(
+        "Training times t: logit_normal spends the budget at intermediate t (experts); uniform covers t near 1, "
+        "where sampling starts, as often as anywhere (the router's default)."))
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; CPU always runs fp32.")
     compile: bool | Literal["auto"] = Field(False, description="torch.compile the model: true = always, auto = on CUDA only, false = never.")
     tf32: bool = Field(True, description="fp32 matmuls/convolutions on CUDA use TF32 tensor cores (~8x fp32 rate; weights, loss and optimizer stay fp32).")
@@ -177,8 +187,11 @@ class TrainingConfig(Strict):
 class RouterConfig(Strict):
     """Router of paper Algorithm 1: a DiT encoder + CLS token classifying the cluster of x_t."""
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(size="tiny", label_dropout=0.0, conditioning="none"))
-    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(global_batch=64))
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(global_batch=64, total_nimg=96_000,
+                                                                            timestep_sampling="uniform"))
     island: str | None = Field(None, description="Island that trains the router; None = the first island.")
+    # model.conditioning = class trains p(k | x_t, t, c) (class-conditional routing); with conditioning = none,
+    # class-conditional sampling adds the cluster class prior log p(c | k) to the router's logits instead.
 
 
 class IslandConfig(Strict):
@@ -253,7 +266,8 @@ class SamplingConfig(RoutingConfig):
 
 
 class EvalConfig(Strict):
-    num_samples: int = Field(512, ge=1, le=1_000_000)
+    num_samples: int = Field(512, ge=1, le=1_000_000, description="Samples per strategy and sampling seed.")
+    seeds: int = Field(3, ge=1, le=1000, description="Sampling seeds per strategy; metrics: mean and 95% interval over them.")
     strategies: list[Strategy] = Field(default_factory=lambda: ["top1", "topk", "full", "sample", "oracle"])
     inception_path: None = Field(None, description="Always null: a run never names code or weights to load for FID; "
                                  "they come from `ddm eval --inception PATH` or DDM_INCEPTION_WEIGHTS.")
@@ -319,6 +333,8 @@ class RunConfig(Strict):
             if side is not None and side % model.patch_size:
                 raise ValueError(f"{where}.patch_size = {model.patch_size} does not divide the latent size "
                                  f"{side}x{side} (data.image_size with latents.encoder = identity)")
+        if self.training.duration_nimg is None and self.training.total_nimg < k:
+            raise ValueError(f"training.total_nimg = {self.training.total_nimg} leaves no images per expert at K = {k}")
         if self.training.global_batch % k:
             lo = (self.training.global_batch // k) * k
             raise ValueError(
@@ -367,6 +383,19 @@ class RunConfig(Strict):
     def expert_batch(self) -> int:
         """Effective batch of one expert: the global batch split over K (paper §4.1, FLOP matching)."""
         return self.training.global_batch // self.clustering.num_experts
+
+    @property
+    def expert_nimg(self) -> int:
+        """Images each expert sees: training.duration_nimg when set (explicit override), else
+        training.total_nimg split evenly over K, so the experts' total is the same for every K."""
+        t = self.training
+        return t.duration_nimg if t.duration_nimg is not None else t.total_nimg // self.clustering.num_experts
+
+    @property
+    def router_nimg(self) -> int:
+        """Images the router sees: router.training.duration_nimg when set, else router.training.total_nimg."""
+        t = self.router.training
+        return t.duration_nimg if t.duration_nimg is not None else t.total_nimg
 
     def fingerprint(self, *sections: str) -> str:
         """sha256 of the named sections (all when none), used for stage idempotency."""

@@ -22,19 +22,23 @@ def digits() -> RunConfig:
     return RunConfig(
         name="digits",
         run_uri="runs/digits",
-        data=DataConfig(source="builtin:digits", image_size=8, channels=1, label_source="builtin", num_classes=10),
+        # A fifth of the digits is held out: ddm eval measures Fréchet distance and accuracy against it.
+        data=DataConfig(source="builtin:digits", image_size=8, channels=1, label_source="builtin", num_classes=10,
+                        holdout_fraction=0.2),
         features=FeaturesConfig(extractor="pixels", pixels_size=8),
         latents=LatentsConfig(encoder="identity"),
         clustering=ClusteringConfig(num_experts=4, num_fine_centroids=256, metric="cosine"),
         model=ModelConfig(size="tiny", patch_size=2, conditioning="class", label_dropout=0.1),
-        training=TrainingConfig(global_batch=256, duration_nimg=96_000, lr=1e-3, ema_decay=0.999,
+        # 96,000 images per expert at K = 4; --set clustering.num_experts=1 is the FLOP-matched monolith.
+        training=TrainingConfig(global_batch=256, total_nimg=4 * 96_000, lr=1e-3, ema_decay=0.999,
                                 checkpoint_every_nimg=16_000, log_every_nimg=3_200),
         # A router well below expert size, as in the paper (DiT-B/2 router for DiT-XL/2 experts): with CFG an
         # expert step is two forwards, so top-1 costs ~1.06x one expert (BENCHMARKS.md, top-1 cost).
         router=RouterConfig(model=ModelConfig(size="tiny", width=32, depth=2, heads=2, patch_size=2,
                                               conditioning="none", label_dropout=0.0),
-                            training=TrainingConfig(global_batch=64, duration_nimg=64_000, lr=1e-3, ema_decay=0.999,
-                                                    checkpoint_every_nimg=16_000, log_every_nimg=3_200)),
+                            training=TrainingConfig(global_batch=64, total_nimg=64_000, lr=1e-3, ema_decay=0.999,
+                                                    timestep_sampling="uniform", checkpoint_every_nimg=16_000,
+                                                    log_every_nimg=3_200)),
         islands=_two_local_islands(),
         sampling=SamplingConfig(steps=32, cfg_scale=2.0),
     )
@@ -51,10 +55,10 @@ def gmm() -> RunConfig:
         latents=LatentsConfig(encoder="identity"),
         clustering=ClusteringConfig(num_experts=4, num_fine_centroids=64, metric="euclidean"),
         model=ModelConfig(size="tiny", patch_size=1, conditioning="none", label_dropout=0.0),
-        training=TrainingConfig(global_batch=256, duration_nimg=64_000, lr=1e-3, ema_decay=0.999,
+        training=TrainingConfig(global_batch=256, total_nimg=4 * 64_000, lr=1e-3, ema_decay=0.999,
                                 timestep_sampling="uniform", checkpoint_every_nimg=16_000),
         router=RouterConfig(model=ModelConfig(size="tiny", patch_size=1, conditioning="none", label_dropout=0.0),
-                            training=TrainingConfig(global_batch=128, duration_nimg=64_000, lr=1e-3, ema_decay=0.999,
+                            training=TrainingConfig(global_batch=128, total_nimg=64_000, lr=1e-3, ema_decay=0.999,
                                                     timestep_sampling="uniform", checkpoint_every_nimg=16_000)),
         islands=_two_local_islands(),
         eval=dict(strategies=["top1", "topk", "full", "sample", "oracle"]),  # type: ignore[arg-type]
@@ -72,7 +76,7 @@ def shapes() -> RunConfig:
         latents=LatentsConfig(encoder="identity"),
         clustering=ClusteringConfig(num_experts=4, num_fine_centroids=128),
         model=ModelConfig(size="tiny", patch_size=4, conditioning="class"),
-        training=TrainingConfig(global_batch=128, duration_nimg=64_000, lr=1e-3, ema_decay=0.999),
+        training=TrainingConfig(global_batch=128, total_nimg=4 * 64_000, lr=1e-3, ema_decay=0.999),
         islands=_two_local_islands(),
     )
 
@@ -92,12 +96,12 @@ def _paper(name: str, source: str, batch: int, conditioning: str) -> RunConfig:
         model=ModelConfig(size="XL", patch_size=2, conditioning=conditioning),  # type: ignore[arg-type]
         # compile "auto": torch.compile on CUDA (what benchmarks/train_throughput.py --suite h200 measures),
         # eager elsewhere; fp32 matmuls use TF32 (training.tf32, on by default).
-        training=TrainingConfig(global_batch=batch, duration_nimg=batch // 8 * 800_000, lr=1e-4, ema_decay=0.9999,
+        training=TrainingConfig(global_batch=batch, total_nimg=batch * 800_000, lr=1e-4, ema_decay=0.9999,
                                 ema_warmup=False, checkpoint_every_nimg=1_000_000, log_every_nimg=51_200,
                                 compile="auto"),
         router=RouterConfig(model=ModelConfig(size="B", patch_size=2, conditioning="none", label_dropout=0.0),
-                            training=TrainingConfig(global_batch=256, duration_nimg=256 * 200_000, lr=1e-4,
-                                                    compile="auto")),
+                            training=TrainingConfig(global_batch=256, total_nimg=256 * 200_000, lr=1e-4,
+                                                    timestep_sampling="uniform", compile="auto")),
         islands=IslandsConfig(pool=[
             # One expert per GPU, eight at once: an XL/2 expert's batch of 32 fits one H100, and packing
             # avoids DDP's per-step all-reduce of the fp32 gradients (set num_workers > 1 to opt in).

@@ -27,7 +27,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, args.config, args.overrides)
-    sys.stdout.write(to_yaml(config))
+    from worker.budget import format_budget, training_budget  # after validation: a bad config fails fast
+
+    sys.stdout.write(to_yaml(config) + format_budget(training_budget(config)))
     return 0
 
 

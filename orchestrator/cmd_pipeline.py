@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from common.config import resolve_config
 from common.errors import UsageError
@@ -42,8 +43,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.status import collect_status, format_status
+    from orchestrator.status import collect_status, expert_files, format_status
 
+    if args.files:  # one source key per line: the files that trained expert K
+        if args.expert is None:
+            raise UsageError("status --files: name the expert (--expert K)")
+        keys = expert_files(RunStore(args.run), args.expert)
+        print(json.dumps(keys, indent=2) if args.json else "\n".join(keys))
+        print(f"expert {args.expert}: {len(keys)} training rows", file=sys.stderr)
+        return 0
     status = collect_status(RunStore(args.run))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
@@ -82,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="stages and per-job progress, from the run store alone")
     status.add_argument("run", help="run store URI or path")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--expert", type=int, metavar="K", help="with --files: the expert to trace")
+    status.add_argument("--files", action="store_true", help="list the source files (keys) that trained expert K")
     status.set_defaults(func=cmd_status)
     verify = sub.add_parser("verify", help="check every committed payload's sha256; a per-key report")
     verify.add_argument("run", help="run store URI or path")

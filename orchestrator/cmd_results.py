@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store, config = open_run(args.run)
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
-    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, log=log,
+    results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, seeds=args.seeds, log=log,
                        inception=args.inception, allow_external_models=args.trust_remote_paths, device=_device(args))
     print(json.dumps(results, indent=2) if args.json else to_markdown(results))
     return 0
@@ -225,7 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true")
     e.add_argument("--n", type=_positive, help="samples per strategy (default: eval.num_samples)")
     e.add_argument("--strategies", help="comma-separated (default: eval.strategies)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="first sampling seed")
+    e.add_argument("--seeds", type=_positive, help="sampling seeds per strategy, for the 95%% intervals (default: eval.seeds)")
     e.add_argument("--inception", metavar="PATH", help="FID Inception-v3 weights, a state dict (.pth) loaded "
                    "tensors-only (default: $DDM_INCEPTION_WEIGHTS; never downloaded)")
     add_trust_arg(e)
@@ -249,7 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("distill", help="distil the ensemble into one dense student (paper §3.6)")
     d.add_argument("run")
-    d.add_argument("--nimg", type=_positive, help="images the student sees (default: training.duration_nimg)")
+    d.add_argument("--nimg", type=_positive, help="images the student sees (default: one expert's images)")
     d.add_argument("--batch", type=_positive, help="images per step (default: training.global_batch)")
     d.add_argument("--lr", type=float)
     d.add_argument("--seed", type=int, default=0)

@@ -51,8 +51,8 @@ def place_jobs(config: RunConfig, eligible: dict[str, list[str]] | None = None) 
     """
     islands = {i.name: i for i in config.islands.pool}
     k = config.clustering.num_experts
-    jobs = [(job_name(e), config.training.duration_nimg * model_cost(config.model)) for e in range(k)]
-    jobs.append((ROUTER, config.router.training.duration_nimg * model_cost(config.router.model)))
+    jobs = [(job_name(e), config.expert_nimg * model_cost(config.model)) for e in range(k)]
+    jobs.append((ROUTER, config.router_nimg * model_cost(config.router.model)))
     fixed: dict[str, str] = {}
     if config.islands.assignment != "auto":
         fixed.update({job_name(e): name for e, name in config.islands.assignment.items()})

@@ -181,11 +181,10 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
-    keys = list(dict.fromkeys(k for r in results["rows"] for k in r))
-    parts = [f"<p>{results.get('num_samples', '?')} samples per strategy.</p>",
-             _table([[r.get(k, "") for k in keys] for r in results["rows"]], [_label(k) for k in keys])]
-    if results.get("reference"):
-        parts.append("<p>Reference: " + html.escape(", ".join(f"{k} = {v}" for k, v in results["reference"].items())) + "</p>")
+    from worker.evaltable import metric_table, reference_lines
+
+    header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds
+    parts = [_table(cells, header)] + [f"<p>{html.escape(line)}</p>" for line in reference_lines(results)]
     fields = results.get("gmm_fields")
     if fields:
         fk = [k for k in fields if k != "t"]
@@ -234,7 +233,7 @@ def _render(store: RunStore, config: RunConfig, out: Path, run_eval: bool, ensem
     manifest: EnsembleManifest = ensemble.manifest
     missing = f"; missing experts {manifest.missing}" if manifest.missing else ""
     summary = (f"{store.url}: {config.data.source}, K = {manifest.num_experts}{missing}, model "
-               f"{config.model.size}/{config.model.patch_size}, {config.training.duration_nimg:,} images per expert.")
+               f"{config.model.size}/{config.model.patch_size}, {config.expert_nimg:,} images per expert.")
     body = [  # every string from the run store is escaped: a source name or a note is text, never markup
         f"<h1>DDM run {html.escape(config.name)}</h1>",
         f"<p>{html.escape(summary)}</p>",

@@ -6,7 +6,17 @@ from datetime import datetime, timezone
 
 from common.errors import UsageError
 from common.keys import export_key, status_key
-from common.manifests import CheckpointRecord, ExportRecord, JobStatusRecord, ManifestError, RunRecord, StageRecord
+from common.manifests import (
+    CheckpointRecord,
+    DatasetManifest,
+    ExpertManifest,
+    ExportRecord,
+    FileRef,
+    JobStatusRecord,
+    ManifestError,
+    RunRecord,
+    StageRecord,
+)
 from common.storage import RunStore
 from orchestrator.lease import read_lease
 from orchestrator.stages import STAGES, stage_summary
@@ -124,3 +134,37 @@ def format_status(status: dict) -> str:
         lines.append(f"driver: {d.get('host')} pid {d.get('pid')}, heartbeat {d.get('heartbeat_at')}, "
                      f"lease expires {d.get('expires_at')}")
     return "\n".join(lines)
+
+
+# ---- traceability: which source files trained an expert ------------------------------------------------
+def expert_files(store: RunStore, expert: int) -> list[str]:
+    """Source keys (relative path, shard:member or builtin#i) of every row in expert `expert`'s partition:
+    each partition row keeps its global `index`, which data/keys/<i>.jsonl maps to its source key."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    manifest = store.read_record(f"experts/{expert:02d}/manifest.json", ExpertManifest)
+    if manifest is None:
+        raise UsageError(f"{store.url}/experts/{expert:02d}/manifest.json: not committed "
+                         f"(no expert {expert}, or the cluster stage has not run)")
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    sidecars = (ds.extra.get("keys") if ds else None) or []
+    if ds is None or len(sidecars) != len(ds.shards):
+        raise UsageError(f"{store.url}/data/dataset.json: no per-row source keys (prepared by an older "
+                         f"version); rerun the prepare stage")
+    index = []
+    for ref in manifest.shards:
+        with safe_open(store.local_copy(ref), "np") as f:
+            index.append(f.get_tensor("index"))
+    rows = np.sort(np.concatenate(index)) if index else np.zeros(0, dtype=np.int64)
+    starts = np.cumsum([0] + [s.rows for s in ds.shards])
+    keys: list[str] = []
+    for i in np.unique(np.searchsorted(starts, rows, side="right") - 1):
+        wanted = set(rows[(rows >= starts[i]) & (rows < starts[i + 1])].tolist())
+        for line in store.get_payload(FileRef(**sidecars[i])).decode().splitlines():
+            entry = json.loads(line)
+            if entry["index"] in wanted:
+                keys.append(entry["key"])
+    return keys

@@ -25,11 +25,12 @@ class TrainFailed(DDMError, RuntimeError):
 
 def job_scope(name: str) -> tuple[list[str], list[str]]:
     """(read-write, read-only) prefixes of a job: its own prefix and its TensorBoard folder; the router
-    also reads all latents."""
+    also reads every expert's partition (training rows only: held-out rows are in none) and their
+    cluster labels."""
     from worker.metrics import tensorboard_prefix
 
     if name == ROUTER:
-        return ["router/", tensorboard_prefix(name) + "/"], ["data/shards/", "clusters/assignments/"]
+        return ["router/", tensorboard_prefix(name) + "/"], ["experts/", "clusters/router/"]
     return [job_prefix(name) + "/", tensorboard_prefix(name) + "/"], []
 
 

@@ -37,7 +37,7 @@ PREFIX = "student"
 class DistillConfig(BaseModel):
     """Student training; None fields fall back to the run's expert settings (config.model/training)."""
     model_config = ConfigDict(extra="forbid")
-    duration_nimg: int | None = Field(None, ge=1, description="Images the student sees; None = training.duration_nimg.")
+    duration_nimg: int | None = Field(None, ge=1, description="Images the student sees; None = one expert's images.")
     batch: int | None = Field(None, ge=1, description="Images per step; None = training.global_batch.")
     lr: float | None = Field(None, gt=0)
     log_every_nimg: int = Field(4096, ge=1)
@@ -51,7 +51,7 @@ def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfi
     Every random draw is made on the CPU from (seed, nimg), so the student is the same on any device up
     to kernel numerics; the teacher and the student run on `device` ("auto": CUDA when visible)."""
     tc = config.training
-    end, batch, lr = dc.duration_nimg or tc.duration_nimg, dc.batch or tc.global_batch, dc.lr or tc.lr
+    end, batch, lr = dc.duration_nimg or config.expert_nimg, dc.batch or tc.global_batch, dc.lr or tc.lr
     device = resolve_device(device) if isinstance(device, str) else device
     configure_numerics(tc.tf32, tc.deterministic)
     teacher = Ensemble.load(store, device=device)

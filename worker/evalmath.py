@@ -58,6 +58,16 @@ class GMM:
         """Exact marginal velocity u(x_t) [B, D] (paper eq. 7 with the true posterior)."""
         return (self.posterior(x, t)[:, :, None] * self.expert_velocity(x, t)).sum(1)
 
+    def routed_velocity(self, x: Tensor, t: Tensor, cluster_of_component: Tensor) -> Tensor:
+        """Exact top-1 routing [B, D]: the velocity of the cluster with the largest p(k | x_t, t), where
+        cluster k's exact velocity mixes its own components, sum_{c in k} p(c | x_t, k) E[v | x_t, c]."""
+        p = self.posterior(x, t)                                                        # [B, C]
+        K = int(cluster_of_component.max()) + 1
+        p_cluster = torch.zeros(p.shape[0], K, dtype=p.dtype).index_add_(1, cluster_of_component, p)
+        chosen = (cluster_of_component[None] == p_cluster.argmax(1)[:, None]).to(p.dtype)  # [B, C]
+        within = p * chosen / (p * chosen).sum(1, keepdim=True)
+        return (within[:, :, None] * self.expert_velocity(x, t)).sum(1)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) [B] under the data mixture (t = 0)."""
         return self._gauss_logits(x, torch.zeros(x.shape[0]))[0].logsumexp(-1)
@@ -115,6 +125,34 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
 
 
+# ---- intervals and the Fréchet reference ------------------------------------------------------------
+def mean_interval(values: list[float], level: float = 0.95) -> dict[str, float | list[float] | None]:
+    """Mean and Student-t interval over independent repeats (sampling seeds): mean +- t_{(1+level)/2, S-1}
+    s / sqrt(S). With one repeat the half-width is None (no interval from a single seed)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "ci95": None, "values": v.tolist()}
+    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": mean, "ci95": half, "values": v.tolist()}
+
+
+def reference_frechet(pool: np.ndarray, target: np.ndarray, n: int, draws: int = 20,
+                      seed: int = 0) -> dict[str, float | int]:
+    """Fréchet distance a perfect generator would score: `draws` random sets of n real rows from `pool`
+    (never the target rows) against the same `target`, as a generated set of n samples is compared.
+    Rows are drawn without replacement when the pool is large enough (bootstrap, with, otherwise);
+    returns the mean and the 2.5 / 97.5 percentiles of the draws."""
+    rng = np.random.default_rng(seed)
+    replace = n > len(pool)
+    fds = [frechet_distance(pool[rng.choice(len(pool), n, replace=replace)], target) for _ in range(draws)]
+    lo, hi = np.percentile(fds, [2.5, 97.5])
+    return {"mean": float(np.mean(fds)), "p2.5": float(lo), "p97.5": float(hi), "draws": draws, "n": n,
+            "with_replacement": replace}
+
+
 # ---- digits classifier --------------------------------------------------------------------------------
 def digits_data() -> tuple[Tensor, Tensor]:
     """scikit-learn's bundled 8x8 digits as [N, 1, 8, 8] in [-1, 1] (0..16 ink levels) and labels."""
@@ -141,25 +179,29 @@ class DigitClassifier(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def train_digit_classifier(seed: int = 0, epochs: int = 300) -> tuple[DigitClassifier, float]:
-    """Train on 80% of the bundled digits (full batch, Adam); returns the model and held-out accuracy."""
-    x, y = digits_data()
+def train_digit_classifier(seed: int = 0, epochs: int = 300,
+                           data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[DigitClassifier, float]:
+    """Train (full batch, Adam) on `data` = (x_train, y_train, x_test, y_test), by default 80% / 20% of
+    the bundled digits; returns the model and its accuracy on the test rows."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=g)
-    cut = int(0.8 * len(x))
-    tr, te = order[:cut], order[cut:]
+    if data is None:
+        x, y = digits_data()
+        order = torch.randperm(len(x), generator=g)
+        cut = int(0.8 * len(x))
+        data = (x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]])
+    x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(seed)
     model = DigitClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     with torch.enable_grad():  # callers (report, eval) may sample under no_grad around this
         for _ in range(epochs):
-            noisy = x[tr] + 0.05 * torch.randn(x[tr].shape, generator=g)  # mild noise: samples are never exact
-            loss = torch.nn.functional.cross_entropy(model(noisy), y[tr])
+            noisy = x_tr + 0.05 * torch.randn(x_tr.shape, generator=g)  # mild noise: samples are never exact
+            loss = torch.nn.functional.cross_entropy(model(noisy), y_tr)
             opt.zero_grad()
             loss.backward()
             opt.step()
     model.eval().requires_grad_(False)
-    accuracy = float((model(x[te]).argmax(-1) == y[te]).float().mean())
+    accuracy = float((model(x_te).argmax(-1) == y_te).float().mean())
     return model, accuracy
 
 

@@ -5,6 +5,9 @@ Store layout written here (docs/design.md §4):
                                       unlabelled), index [N] i64 (global row), thumbs [N,h,w,c] u8,
                                       text_pooled [N,Dt] / text_tokens [N,L,Dt] with a text encoder
     data/captions/<i:05d>.jsonl       {"index", "caption"} per row, when data.captions
+    data/keys/<i:05d>.jsonl           {"index", "key"} per row: the source key (relative path, shard:member or
+                                      builtin#i), so every partition row traces back to its file
+    data/holdout/<i:05d>.safetensors  the held-out rows of shard i (data.holdout_fraction; heldout_mask)
     data/quarantine.jsonl             {"source", "reason"} per item not used (always written)
     data/dataset.json                 DatasetManifest, committed LAST
 
@@ -149,11 +152,12 @@ class ShardWriter:
         self.written = 0
         self.shards: list[ShardRef] = []
         self.caption_refs: list[dict] = []
+        self.key_refs: list[dict] = []
         self.shape: dict[str, list[int]] = {}
 
-    def add(self, arrays: dict[str, np.ndarray], captions: list[str | None]) -> None:
+    def add(self, arrays: dict[str, np.ndarray], captions: list[str | None], keys: list[str]) -> None:
         n = len(arrays["labels"])
-        arrays = dict(arrays, _captions=np.asarray(captions, dtype=object))
+        arrays = dict(arrays, _captions=np.asarray(captions, dtype=object), _keys=np.asarray(keys, dtype=object))
         self.buffer.append(arrays)
         self.buffered += n
         self._flush(final=False)
@@ -184,7 +188,7 @@ class ShardWriter:
 
     def _write(self, shard: dict[str, np.ndarray]) -> None:
         i, n = len(self.shards), len(shard["labels"])
-        captions = shard.pop("_captions")
+        captions, keys = shard.pop("_captions"), shard.pop("_keys")
         if self.pca is not None:
             mean, proj = self.pca
             shard["features"] = (shard["features"] - mean) @ proj
@@ -193,6 +197,8 @@ class ShardWriter:
         self.shape = {k: list(v.shape[1:]) for k, v in shard.items()}
         ref = self.store.put_payload(f"data/shards/{i:05d}.safetensors", save_safetensors(shard))
         self.shards.append(ShardRef(**ref.model_dump(), rows=n))
+        lines = "".join(json.dumps({"index": int(j), "key": str(k)}) + "\n" for j, k in zip(shard["index"], keys))
+        self.key_refs.append(self.store.put_payload(f"data/keys/{i:05d}.jsonl", lines.encode()).model_dump())
         if self.captions_on:
             lines = "".join(json.dumps({"index": int(j), "caption": c}) + "\n" for j, c in zip(shard["index"], captions))
             self.caption_refs.append(self.store.put_payload(f"data/captions/{i:05d}.jsonl", lines.encode()).model_dump())
@@ -200,6 +206,36 @@ class ShardWriter:
 
     def close(self) -> None:
         self._flush(final=True)
+
+
+# ---- held-out evaluation split (self-contained: a row's membership depends on its index alone) ----------
+def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the rows held out for evaluation: a seeded splitmix64 hash of the global row index,
+    mapped to [0, 1), below `fraction`. Decided row by row, so any order or parallelism agrees."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as the hash intends
+        x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def write_holdout(store: RunStore, shards: list[ShardRef], fraction: float, seed: int) -> dict[str, Any]:
+    """Copy the held-out rows of each data shard to data/holdout/<i>.safetensors (all tensors). The
+    cluster stage skips the same rows (heldout_mask), so no expert, router or k-means fit sees them."""
+    from safetensors.numpy import load_file
+
+    refs, rows = [], 0
+    for i, ref in enumerate(shards):
+        tensors = load_file(str(store.local_copy(ref)))
+        mask = heldout_mask(tensors["index"], fraction, seed)
+        if mask.any():
+            part = {k: np.ascontiguousarray(v[mask]) for k, v in tensors.items()}
+            out = store.put_payload(f"data/holdout/{i:05d}.safetensors", save_safetensors(part))
+            refs.append(ShardRef(**out.model_dump(), rows=int(mask.sum())).model_dump())
+            rows += int(mask.sum())
+    return {"fraction": fraction, "seed": seed, "rows": rows, "shards": refs,
+            "rule": "worker.prepare.heldout_mask(index, fraction, seed)"}
 
 
 def clear_outputs(store: RunStore, prefix: str, record: str) -> None:
@@ -236,8 +272,9 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
                     quarantine.append(QuarantineEntry(source=item.source, reason=reason))
             if out.arrays and any(keep):
                 rows = np.asarray(keep)
+                sources = [item.source for item, reason in zip(batch, out.reasons) if reason is None]
                 writer.add({k: v[rows] for k, v in out.arrays.items()},
-                           [c for c, k in zip(out.captions, keep) if k])
+                           [c for c, k in zip(out.captions, keep) if k], [s for s, k in zip(sources, keep) if k])
             bar.update(len(batch))
     writer.close()
 
@@ -256,6 +293,8 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
         extra["pca"] = writer.pca_info
     if writer.caption_refs:
         extra["captions"] = writer.caption_refs
+    extra["keys"] = writer.key_refs
+    extra["holdout"] = write_holdout(store, writer.shards, config.data.holdout_fraction, config.seed)
     labels_known = config.data.label_source != "none"
     manifest = DatasetManifest(
         source=config.data.source, discovered=len(items), used=used, quarantined=len(quarantine),

@@ -71,7 +71,8 @@ class TrainJob(BaseModel):
 def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
     batch = config.expert_batch
     return TrainJob(name=job_name(k), kind="expert", prefix=expert_prefix(k),
-                    manifest_key=manifest_key(expert_prefix(k)), model=config.model, training=config.training,
+                    manifest_key=manifest_key(expert_prefix(k)), model=config.model,
+                    training=config.training.model_copy(update={"duration_nimg": config.expert_nimg}),
                     batch=batch, micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 100 + k),
                     island=island.name, num_experts=config.clustering.num_experts)
@@ -80,7 +81,8 @@ def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
 def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
     batch = config.router.training.global_batch
     return TrainJob(name=ROUTER, kind="router", prefix=ROUTER, manifest_key=manifest_key(ROUTER),
-                    model=config.router.model, training=config.router.training, batch=batch,
+                    model=config.router.model,
+                    training=config.router.training.model_copy(update={"duration_nimg": config.router_nimg}), batch=batch,
                     micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 99),
                     island=island.name, num_experts=config.clustering.num_experts)
@@ -158,7 +160,8 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     rank at each log or checkpoint point (row and key are rank 0's; {} and None elsewhere), for
     collective reporting such as `ray.train.report`.
     """
-    tc, end = job.training, job.training.duration_nimg
+    tc = job.training
+    end = tc.duration_nimg if tc.duration_nimg is not None else tc.total_nimg  # expert_job/router_job resolve it
     done = store.read_record(export_key(job.prefix), ExportRecord)
     if done is not None and done.nimg >= end:
         return done

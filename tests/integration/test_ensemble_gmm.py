@@ -1,10 +1,14 @@
 """After a short real training on a Gaussian mixture, the DFM maths holds against the closed forms.
 
-Stated tolerances (16k images per expert and for the router, the tiny DiT, CPU; measured values were
-router TV <= 0.13, full-ensemble velocity error <= 0.14, top-1 router agreement >= 0.55):
+The mixture's rows go through the real cluster stage (two-stage k-means on the coordinates: the
+clusters are found, not given), then the real training loop. Stated tolerances (16k images per expert and for the
+router, the tiny DiT, CPU):
 - router posterior: total variation to the true p(k | x_t, t) <= 0.2 at every t of eval.t_grid;
-- ensemble velocity (full, eq. 7): E||v - u||^2 / E||u||^2 <= 0.25 at every t, and <= 0.05 for t >= 0.6;
-- samples of the full ensemble cover every mode and are closer to the mixture than a single expert's.
+- ensemble velocity (full, eq. 7): E||v - u||^2 / E||u||^2 <= 0.25 at every t, and <= 0.08 for t >= 0.6
+  (measured with k-means clusters: router TV <= 0.14, velocity error <= 0.16, and 0.057 at t = 0.6);
+- samples of the full ensemble cover every mode and are closer to the mixture than a single expert's;
+- top-1 samples match exact top-1 routing (the argmax cluster's exact velocity, integrated from the same
+  noise): the share of samples per mixture component within total variation 0.1.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import torch
 from common.storage import RunStore
 from tests.integration.ensemble_runs import gmm_config, gmm_run, train_all
 from worker.ensemble import Ensemble
+from worker.evalmath import mode_coverage
 from worker.evaluate import GMMJudge
+from worker.flow import sample
 from worker.gather import gather
+from worker.partition import cluster_data
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,8 @@ def trained_gmm(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("gmm") / "run")
     config = gmm_config(url, K=4, nimg=16_000, router_nimg=16_000)
     store = RunStore(url)
-    gmm_run(store, config)
+    gmm_run(store, config)       # the mixture's rows (and its parameters in dataset.json)
+    cluster_data(config, store)  # the real cluster stage: two-stage k-means finds the clusters, nothing is given
     train_all(store, config)
     gather(config, store)
     return config, store
@@ -36,13 +44,13 @@ def test_router_and_velocity_match_the_closed_forms(trained_gmm):
     from common.manifests import DatasetManifest
 
     judge = GMMJudge(store, store.read_record("data/dataset.json", DatasetManifest), seed=0)
-    assert sorted(judge.cluster_of_component.tolist()) == [0, 1, 2, 3]  # clusters are the components
+    assert sorted(judge.cluster_of_component.tolist()) == [0, 1, 2, 3]  # k-means recovered one component each
     fields = judge.field_errors(Ensemble.load(store.url), config.eval.t_grid, seed=0)
     print(fields)
     assert max(fields["router_tv"]) <= 0.2, fields["router_tv"]
     assert max(fields["velocity_rel_err_full"]) <= 0.25, fields["velocity_rel_err_full"]
     late = [e for t, e in zip(fields["t"], fields["velocity_rel_err_full"]) if t >= 0.6]
-    assert max(late) <= 0.05, late
+    assert max(late) <= 0.08, late
     assert min(fields["router_top1_agree"]) >= 0.5
 
 
@@ -57,3 +65,21 @@ def test_full_ensemble_samples_the_mixture(trained_gmm):
     assert full["mode_coverage"] == 1.0 and single["mode_coverage"] <= 0.5
     assert full["sliced_w2"] < 0.5 * single["sliced_w2"]
     assert full["mmd2"] < 0.05
+
+
+def test_top1_matches_exact_top1_routing(trained_gmm):
+    config, store = trained_gmm
+    from common.manifests import DatasetManifest
+
+    judge = GMMJudge(store, store.read_record("data/dataset.json", DatasetManifest), seed=0)
+    ensemble = Ensemble.load(store.url)
+    n, steps = 2048, config.sampling.steps
+    noise = torch.randn([n, *ensemble.manifest.latent_shape], generator=torch.Generator().manual_seed(1))
+    exact_field = lambda x, t: judge.gmm.routed_velocity(x.flatten(1), t, judge.cluster_of_component).float().view_as(x)  # noqa: E731
+    exact = sample(exact_field, noise, steps=steps).flatten(1).double()
+    trained = ensemble.sample(n, strategy="top1", steps=steps, seed=1).flatten(1).double()  # same noise (seed 1)
+    share_exact = torch.tensor(mode_coverage(exact, judge.gmm)[1])
+    share_trained = torch.tensor(mode_coverage(trained, judge.gmm)[1])
+    tv = 0.5 * (share_exact - share_trained).abs().sum().item()
+    print("component shares: exact top-1", share_exact.tolist(), "trained top-1", share_trained.tolist(), "TV", tv)
+    assert tv <= 0.1, (share_exact.tolist(), share_trained.tolist())

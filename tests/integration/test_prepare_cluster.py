@@ -13,7 +13,7 @@ from safetensors.numpy import load
 
 import worker.encoders as enc
 from common.config import RunConfig
-from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest
+from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest, ShardRef
 from common.storage import RunStore
 from tests.unit.test_decode import BAD, GOOD, messy_config, write_messy_folder
 from worker.partition import cluster_data
@@ -35,26 +35,37 @@ def test_prepare_and_cluster_with_the_run_store_on_s3(s3_endpoint, tmp_path):
     store = RunStore(f"s3://ddm-test/run-{uuid.uuid4().hex[:8]}")
     cfg = digits(300)
     assert prepare_data(cfg, store).counts == {"discovered": 300, "used": 300, "quarantined": 0, "shards": 3}
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    hold = ds.extra["holdout"]
+    held = np.concatenate([load(store.get_payload(ShardRef(**r)))["index"] for r in hold["shards"]])
+    assert hold["fraction"] == 0.1 and len(held) == hold["rows"] and 10 < hold["rows"] < 50
     result = cluster_data(cfg, store)
-    assert result.counts["rows"] == 300 and sum(result.counts[f"size_{e}"] for e in range(4)) == 300
+    train_rows = 300 - hold["rows"]
+    assert result.counts["rows"] == train_rows and sum(result.counts[f"size_{e}"] for e in range(4)) == train_rows
     keys = store.list()
-    for key in ("data/dataset.json", "data/quarantine.jsonl", "data/shards/00002.safetensors",
+    for key in ("data/dataset.json", "data/quarantine.jsonl", "data/shards/00002.safetensors", "data/keys/00002.jsonl",
+                "data/holdout/00000.safetensors",
                 "clusters/centroids.safetensors", "clusters/assignments/00000.safetensors", "clusters/report.json",
                 "clusters/sizes.png", "clusters/cluster_03.png", "clusters/clusters.json",
                 "experts/00/manifest.json", "experts/03/manifest.json", "router/manifest.json"):
         assert key in keys, key
     cm = store.read_record("clusters/clusters.json", ClusterManifest)
     router = store.read_record("router/manifest.json", RouterManifest)
-    total = 0
+    assert router.rows == train_rows and [r.path for r in router.shards] == \
+        [r.path for e in range(4) for r in store.read_record(f"experts/{e:02d}/manifest.json", ExpertManifest).shards]
+    total, seen = 0, []
     for e in range(4):
         m = store.read_record(f"experts/{e:02d}/manifest.json", ExpertManifest)
         for ref in m.shards:  # every payload verifies against its recorded sha256
             part = load(store.get_payload(ref))
+            shard = int(ref.path[-17:-12])
             assert ref.path.startswith(f"experts/{e:02d}/data/") and len(part["index"]) == ref.rows
-            assert (load(store.get_payload(router.assignments[int(ref.path[-17:-12])]))["cluster"]
-                    [part["index"] - 128 * int(ref.path[-17:-12])] == e).all()
+            assert (load(store.get_payload(cm.assignments[shard]))["cluster"][part["index"] - 128 * shard] == e).all()
+            seen.append(part["index"])
         total += m.rows
-    assert total == 300 == sum(cm.sizes)
+    assert total == train_rows == sum(cm.sizes)
+    seen = np.concatenate(seen)
+    assert len(np.intersect1d(seen, held)) == 0 and len(np.union1d(seen, held)) == 300  # held out = never trained on
     # a sampler or an expert on another machine sees the same counts through S3
     assert RunStore(store.url).read_record("data/dataset.json", DatasetManifest).used == 300
 
@@ -91,7 +102,7 @@ def test_prepare_encodes_on_ray_actors(ray_session, tmp_path):
     ref = load_digits()
     assert np.allclose(latents[:, 0], ref.images[:600] / 16 * 2 - 1, atol=1e-6)
     assert np.concatenate([s["labels"] for s in shards]).tolist() == ref.target[:600].tolist()
-    assert cluster_data(cfg, store).counts["rows"] == 600
+    assert cluster_data(cfg, store).counts["rows"] == 600 - ds.extra["holdout"]["rows"]
 
 
 def test_rerun_rewrites_identical_payloads_and_changed_input_redoes(tmp_path):

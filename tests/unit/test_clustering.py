@@ -13,7 +13,7 @@ from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, R
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, kmeans, nearest, prepare
 from worker.partition import cluster_data
-from worker.prepare import prepare_data
+from worker.prepare import heldout_mask, prepare_data
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 
@@ -82,10 +82,13 @@ def test_cluster_stage_partitions_and_manifests(tmp_path):
     prepare_data(cfg, store)
     result = cluster_data(cfg, store)
     cm = store.read_record("clusters/clusters.json", ClusterManifest)
-    assert result.counts["rows"] == 600 and sum(cm.sizes) == 600 and len(cm.assignments) == 3
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    held = set(np.nonzero(heldout_mask(np.arange(600), 0.1, cfg.seed))[0].tolist())
+    assert ds.extra["holdout"]["rows"] == len(held) > 0
+    train = 600 - len(held)
+    assert result.counts["rows"] == train and sum(cm.sizes) == train and len(cm.assignments) == 3
     assert {i.path for i in cm.images} >= {"clusters/sizes.png", "clusters/cluster_00.png"}
     # the gmm components are recovered exactly (separation 6 std)
-    ds = store.read_record("data/dataset.json", DatasetManifest)
     labels = np.concatenate([load(store.get_payload(s))["labels"] for s in ds.shards])
     clusters = np.concatenate([load(store.get_payload(a))["cluster"] for a in cm.assignments])
     assert adjusted_rand_score(labels, clusters) > 0.98
@@ -98,9 +101,10 @@ def test_cluster_stage_partitions_and_manifests(tmp_path):
             assert (clusters[part["index"]] == e).all() and part["latents"].shape[1:] == (1, 2, 2)
             seen.extend(part["index"].tolist())
         assert sum(m.class_counts.values()) == m.rows
-    assert sorted(seen) == list(range(600))  # disjoint and complete
-    router = store.read_record("router/manifest.json", RouterManifest)
-    assert router.rows == 600 and router.shards == ds.shards and router.assignments == cm.assignments
+    assert sorted(seen) == sorted(set(range(600)) - held)  # disjoint, complete, no held-out row
+    router = store.read_record("router/manifest.json", RouterManifest)  # the experts' shards, never held-out rows
+    assert router.rows == train and router.shards == [r for e in range(4) for r in
+                                                      store.read_record(f"experts/{e:02d}/manifest.json", ExpertManifest).shards]
 
     # a different K redoes the partition and leaves no stale expert behind
     cfg2 = run_config(tmp_path, num_experts=2)
@@ -115,7 +119,8 @@ def test_random_partition_and_balanced_stage(tmp_path):
     cfg = run_config(tmp_path, num_experts=4, method="random")
     prepare_data(cfg, store)
     result = cluster_data(cfg, store)
-    assert [result.counts[f"size_{e}"] for e in range(4)] == [150] * 4
+    sizes = [result.counts[f"size_{e}"] for e in range(4)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 600 - int(heldout_mask(np.arange(600), 0.1, cfg.seed).sum())
     cm = store.read_record("clusters/clusters.json", ClusterManifest)
     assert cm.method == "random" and load(store.get_payload(cm.centroids))["coarse"].shape == (4, 4)
     ds = store.read_record("data/dataset.json", DatasetManifest)

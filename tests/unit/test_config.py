@@ -80,3 +80,41 @@ def test_console_script_exit_code() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "clustering.num_experts" in done.stderr
+
+
+def test_total_nimg_makes_every_k_flop_matched(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.budget import training_budget
+
+    budgets = {}
+    for k in (1, 8):
+        assert main(["config", "show", "--set", "training.total_nimg=192000", "--set", f"clustering.num_experts={k}"]) == 0
+        out = capsys.readouterr().out
+        assert yaml.safe_load(out)["training"]["total_nimg"] == 192000          # comments keep it valid YAML
+        assert f"experts total (K = {k}): 192,000 images" in out and "router:" in out
+        budgets[k] = training_budget(resolve_config(overrides=["training.total_nimg=192000", f"clustering.num_experts={k}"]))
+    assert budgets[1]["per_expert_nimg"] == 192_000 and budgets[8]["per_expert_nimg"] == 24_000
+    assert budgets[1]["per_expert_steps"] == budgets[8]["per_expert_steps"] == 750  # batch 256 vs 8 x 32
+    assert budgets[1]["experts_train_flops"] == budgets[8]["experts_train_flops"] > 0
+    assert budgets[1]["router_train_flops"] == budgets[8]["router_train_flops"] > 0
+
+
+def test_duration_nimg_is_an_explicit_per_expert_override() -> None:
+    demo = resolve_config()
+    assert demo.training.duration_nimg is None and demo.expert_nimg == 96_000  # the demo's budget, K = 4
+    assert resolve_config(overrides=["clustering.num_experts=1"]).expert_nimg == 384_000
+    override = resolve_config(overrides=["training.duration_nimg=5000", "clustering.num_experts=8"])
+    assert override.expert_nimg == 5000                                       # the override wins
+    assert resolve_config(overrides=["router.training.duration_nimg=700"]).router_nimg == 700
+    assert demo.router_nimg == 64_000 and demo.router.training.timestep_sampling == "uniform"
+    with pytest.raises(ConfigError, match="training.total_nimg = 3 leaves no images per expert"):
+        resolve_config(overrides=["training.total_nimg=3"])
+
+
+def test_expert_and_router_jobs_carry_the_derived_duration() -> None:
+    from common.config import IslandConfig
+    from worker.train import expert_job, router_job
+
+    config = resolve_config(overrides=["training.total_nimg=64000", "clustering.num_experts=8"])
+    island = IslandConfig(name="local")
+    assert expert_job(config, 3, island).training.duration_nimg == 8000
+    assert router_job(config, island).training.duration_nimg == config.router_nimg

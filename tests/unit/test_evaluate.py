@@ -74,3 +74,61 @@ def test_digit_classifier_recognises_held_out_digits():
     model, accuracy = train_digit_classifier(seed=0, epochs=200)
     assert accuracy > 0.93
     assert model.features(torch.zeros(2, 1, 8, 8)).shape == (2, 64)
+
+
+# ---- the Fréchet protocol and intervals -------------------------------------------------------------
+def test_frechet_identical_sets_give_zero_and_shifted_sets_the_squared_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8)) @ rng.normal(size=(8, 8))          # correlated features
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shift = np.array([1.0, -2.0, 0.5, 0, 0, 0, 0, 3.0])
+    # same covariance, means differ by `shift`: the trace term vanishes, FD = ||shift||^2
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # b = 2 (a - mean): Tr(S + 4S - 2 (4 S^2)^1/2) = Tr(S), plus the squared distance of the means
+    centred = a - a.mean(0)
+    expected = np.trace(np.cov(a, rowvar=False)) + float(a.mean(0) @ a.mean(0))
+    assert frechet_distance(a, 2 * centred) == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_frechet_is_small_for_real_data_and_large_for_shifted_data():
+    from worker.evalmath import reference_frechet
+
+    rng = np.random.default_rng(1)
+    pool, target = rng.normal(size=(3000, 4)), rng.normal(size=(500, 4))
+    ref = reference_frechet(pool, target, n=400, draws=10, seed=0)
+    assert ref["n"] == 400 and not ref["with_replacement"] and 0 <= ref["p2.5"] <= ref["mean"] <= ref["p97.5"] < 0.2
+    shifted = reference_frechet(pool + 1.0, target, n=400, draws=10, seed=0)
+    assert shifted["mean"] == pytest.approx(4.0, abs=0.3)              # ||(1, 1, 1, 1)||^2
+    assert reference_frechet(pool[:100], target, n=400, draws=3)["with_replacement"]
+
+
+def test_mean_interval_is_the_student_t_interval():
+    from worker.evalmath import mean_interval
+
+    iv = mean_interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["ci95"] == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    assert mean_interval([5.0])["ci95"] is None
+
+
+def test_heldout_mask_is_seeded_per_row_and_near_the_fraction():
+    from worker.prepare import heldout_mask
+
+    index = np.arange(100_000)
+    mask = heldout_mask(index, 0.2, seed=3)
+    assert abs(mask.mean() - 0.2) < 0.01
+    assert (heldout_mask(index[::-1], 0.2, seed=3) == mask[::-1]).all()       # row by row: order-free
+    assert (np.concatenate([heldout_mask(c, 0.2, 3) for c in np.array_split(index, 7)]) == mask).all()
+    assert (heldout_mask(index, 0.2, seed=4) != mask).mean() > 0.2             # the seed matters
+    assert not heldout_mask(index, 0.0, seed=3).any()
+    assert (heldout_mask(index, 0.1, seed=3) <= mask).all()                   # nested in the fraction
+
+
+def test_router_buckets_include_where_sampling_starts():
+    from worker.models.router import T_BUCKETS, calibration_metrics, expected_calibration_error
+
+    assert T_BUCKETS[-2:] == (0.95, 1.0)
+    t = torch.tensor([0.1, 0.97, 1.0, 0.5])
+    m = calibration_metrics(t, torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.9, 0.5, 0.5, 0.7]))
+    assert m["acc_t0.95-1.00"] == 0.5 and m["acc_t0.00-0.20"] == 1.0
+    # perfectly calibrated: confidence 0.5, half right -> ECE 0
+    assert expected_calibration_error(torch.tensor([1.0, 0.0]), torch.tensor([0.55, 0.55])) == pytest.approx(0.05)

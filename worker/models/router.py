@@ -1,6 +1,6 @@
 """The router of paper Algorithm 1: a DiT encoder with a learned CLS token and a linear head over K clusters.
 
-It estimates p(k | x_t, t), the weight of expert k in the marginal velocity
+It estimates p(k | x_t, t) (or p(k | x_t, t, c) with model.conditioning = class), the weight of expert k in the marginal velocity
 u_t(x_t) = sum_k p(k | x_t, t) v_k(x_t) (paper eq. 5-7), and is trained with cross-entropy on the
 cluster label of samples noised by the same interpolant the experts use.
 """
@@ -17,7 +17,8 @@ from common.config import ConfigError, ModelConfig, ModelLimits
 from worker.flow import interpolate
 from worker.models.dit import DiTTrunk, dit_forward_flops, resolve_size
 
-T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# t-buckets of the router metrics; the last one is where sampling starts (t = 1, then 1 - 1/steps, ...).
+T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)
 
 
 class Router(ModelMixin, ConfigMixin):
@@ -69,19 +70,29 @@ def router_loss(model: nn.Module, x0: torch.Tensor, eps: torch.Tensor, t: torch.
     return loss, {"t": t.detach(), "correct": (pred == cluster).float(), "conf": conf}
 
 
-def calibration_metrics(t: torch.Tensor, correct: torch.Tensor, conf: torch.Tensor, bins: int = 10) -> dict[str, float]:
-    """Accuracy per t-bucket and expected calibration error (Guo et al. 2017) over `bins` confidence bins."""
-    out: dict[str, float] = {}
-    for lo, hi in zip(T_BUCKETS[:-1], T_BUCKETS[1:]):
-        mask = (t >= lo) & ((t < hi) if hi < 1 else (t <= hi))
-        if mask.any():
-            out[f"acc_t{lo:.1f}-{hi:.1f}"] = correct[mask].mean().item()
+def bucket_of(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Mask of t in [lo, hi), the last bucket closed at 1."""
+    return (t >= lo) & ((t < hi) if hi < 1 else (t <= hi))
+
+
+def expected_calibration_error(correct: torch.Tensor, conf: torch.Tensor, bins: int = 10) -> float:
+    """ECE (Guo et al. 2017): sum over confidence bins of |accuracy - mean confidence|, weighted by share."""
     which = (conf * bins).clamp(max=bins - 1).long()                         # [N]
     ece = torch.zeros(())
     for b in range(bins):
         mask = which == b
         if mask.any():
-            ece += mask.float().mean() * (correct[mask].mean() - conf[mask].mean()).abs()
-    out["ece"] = ece.item()
+            ece += mask.float().mean() * (correct[mask].float().mean() - conf[mask].float().mean()).abs()
+    return ece.item()
+
+
+def calibration_metrics(t: torch.Tensor, correct: torch.Tensor, conf: torch.Tensor, bins: int = 10) -> dict[str, float]:
+    """Accuracy per t-bucket and expected calibration error over `bins` confidence bins."""
+    out: dict[str, float] = {}
+    for lo, hi in zip(T_BUCKETS[:-1], T_BUCKETS[1:]):
+        mask = bucket_of(t, lo, hi)
+        if mask.any():
+            out[f"acc_t{lo:.2f}-{hi:.2f}"] = correct[mask].mean().item()
+    out["ece"] = expected_calibration_error(correct, conf, bins)
     out["accuracy"] = correct.mean().item()
     return out

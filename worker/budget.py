@@ -1,0 +1,63 @@
+"""The training compute a config buys, derived before anything runs (`ddm config show`).
+
+Experts share one budget, `training.total_nimg`, split evenly over K (unless the per-expert override
+`training.duration_nimg` is set), and the global batch is split over K too, so K = 1 and K = 8 train on
+the same number of images with the same FLOPs per image: FLOP matching by construction (paper §4.1).
+Training FLOPs are estimated as 3 x forward FLOPs per image x images (forward + backward), the same
+estimate the training loop's MFU uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from common.config import ModelConfig, RunConfig
+from worker.models.dit import dit_forward_flops, resolve_size
+
+VAE_CHANNELS, VAE_DOWNSAMPLE = 4, 8  # sd-vae-ft-mse; the real shape is read from the VAE at prepare time
+
+
+def latent_shape(config: RunConfig) -> list[int]:
+    """[C, H, W] the models will see: pixels for the identity encoder, else the usual VAE latents."""
+    size = config.data.image_size
+    if config.latents.encoder == "identity":
+        return [config.data.channels, size, size]
+    return [VAE_CHANNELS, size // VAE_DOWNSAMPLE, size // VAE_DOWNSAMPLE]
+
+
+def forward_flops(model: ModelConfig, shape: list[int]) -> float:
+    dims = resolve_size(model)
+    return dit_forward_flops(dims["width"], dims["depth"], tuple(shape[1:]), model.patch_size, shape[0])
+
+
+def training_budget(config: RunConfig) -> dict[str, Any]:
+    """Per-expert and total images, optimizer steps and estimated training FLOPs (experts, router)."""
+    k, shape = config.clustering.num_experts, latent_shape(config)
+    per_expert, batch = config.expert_nimg, config.expert_batch
+    expert_flops = 3 * forward_flops(config.model, shape)
+    router_batch = config.router.training.global_batch
+    router_flops = 3 * forward_flops(config.router.model, shape)
+    return {
+        "rule": ("training.duration_nimg (per-expert override)" if config.training.duration_nimg is not None
+                 else "training.total_nimg split over K"),
+        "num_experts": k, "latent_shape": shape,
+        "per_expert_nimg": per_expert, "per_expert_batch": batch, "per_expert_steps": math.ceil(per_expert / batch),
+        "experts_total_nimg": per_expert * k, "experts_train_flops": expert_flops * per_expert * k,
+        "router_nimg": config.router_nimg, "router_batch": router_batch,
+        "router_steps": math.ceil(config.router_nimg / router_batch),
+        "router_train_flops": router_flops * config.router_nimg,
+    }
+
+
+def format_budget(b: dict[str, Any]) -> str:
+    """YAML comment lines, so `ddm config show` output stays a loadable config."""
+    shape = "x".join(map(str, b["latent_shape"]))
+    return "\n".join([
+        f"# budget ({b['rule']}; latents {shape}; FLOPs = 3 x forward x images):",
+        f"#   per expert: {b['per_expert_nimg']:,} images = {b['per_expert_steps']:,} steps of batch {b['per_expert_batch']}",
+        f"#   experts total (K = {b['num_experts']}): {b['experts_total_nimg']:,} images, "
+        f"{b['experts_train_flops']:.3e} training FLOPs",
+        f"#   router: {b['router_nimg']:,} images = {b['router_steps']:,} steps of batch {b['router_batch']}, "
+        f"{b['router_train_flops']:.3e} training FLOPs",
+    ]) + "\n"
