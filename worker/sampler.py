@@ -11,7 +11,7 @@ forward per row plus the router, whatever K is.
 
 The one-expert-per-row strategies (top1, sample, oracle, single) dispatch through `routed_velocity`: one
 stable sort of the rows by expert per step and one host sync (the K row counts), then each expert runs on
-a contiguous slice. On CUDA the slices are padded to a few bucket sizes, so a compiled or graph-captured
+a contiguous slice. Optionally (bucket=True) the slices are padded to a few bucket sizes, so a compiled or graph-captured
 expert sees a handful of shapes rather than one per routing outcome; on CPU they are exact, and the result
 is bit-identical to the general weighted path.
 
@@ -174,10 +174,11 @@ def routed_velocity(x: Tensor, t: Tensor, cond: Tensor | None, experts: Sequence
     """v[i] = v_{chosen[i]}(x[i]): rows sorted by expert once, each expert on its contiguous slice.
 
     One host sync per call (the per-expert row counts, needed for the slice shapes), not one per expert.
-    `bucket` (default: on CUDA) pads each slice to `bucket_size` rows, repeating the last row; the padded
-    rows are computed and dropped."""
+    `bucket` pads each slice to `bucket_size` rows, repeating the last row; the padded rows are computed
+    and dropped. It pays only for compiled or graph-captured experts (few distinct shapes); in eager mode
+    it is off by default: on an H200 it cost 1.7x for XL/2 experts at 4 rows each (BENCHMARKS.md)."""
     B = x.shape[0]
-    bucket = x.is_cuda if bucket is None else bucket
+    bucket = bool(bucket)
     order = torch.argsort(chosen, stable=True)                    # rows grouped by expert, ascending within
     counts = torch.bincount(chosen, minlength=len(experts)).tolist()  # the one host sync of the step
     if len(counts) > len(experts):
@@ -205,7 +206,7 @@ class EnsembleVelocity:
                  routing: RoutingConfig | str = "top1", *, cond: Tensor | None = None, fixed: Tensor | None = None,
                  generator: torch.Generator | None = None, bucket: bool | None = None, **overrides: Any) -> None:
         """`routing`: a RoutingConfig (or SamplingConfig), or a strategy name; keyword overrides (top_k,
-        threshold, nucleus_p) are validated by the same config rules. `bucket` (default: on CUDA) pads the
+        threshold, nucleus_p) are validated by the same config rules. `bucket` (default off) pads the
         per-expert slices of one-expert-per-row strategies to a few sizes (`routed_velocity`)."""
         routing = settings(RoutingConfig, routing, overrides)
         strategy, top_k, threshold, nucleus_p = routing.strategy, routing.top_k, routing.threshold, routing.nucleus_p
