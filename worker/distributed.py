@@ -14,6 +14,7 @@ matching nodes, up to `max_failures` times; `train` resumes from the last commit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -67,15 +68,21 @@ def train_distributed(job: TrainJob, store: RunStore, progress_sink: Any = None,
     from ray.train.torch import TorchTrainer
 
     resources = dict(scaling_resources or {"CPU": 1})
+    # One Ray Train run per (run store, job): Ray Train keeps per-name state under storage_path.
+    run_id = hashlib.sha1(store.url.encode()).hexdigest()[:8]
     use_gpu = bool(job.use_gpu or resources.pop("GPU", 0))
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job, "store": store, "progress_sink": progress_sink},
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      label_selector=label_selector, accelerator_type=accelerator_type),
-        run_config=RunConfig(name=run_name or f"{job.name}@{job.island}", storage_path=storage_path,
+        run_config=RunConfig(name=f"{run_name or f'{job.name}@{job.island}'}-{run_id}", storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             # A group that cannot be re-formed (too few matching nodes left) fails after
+                             # `max_failures` start timeouts instead of waiting forever: the orchestrator's
+                             # retry then starts a fresh attempt from the last committed checkpoint.
+                             failure_config=FailureConfig(max_failures=max_failures,
+                                                          controller_failure_limit=max_failures)),
     )
     trainer.fit()
     record = store.read_record(export_key(job.prefix), ExportRecord)
