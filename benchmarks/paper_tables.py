@@ -167,7 +167,8 @@ def md_table(rows: list[dict], metrics: list[str], first: str) -> str:
     for r in rows:
         cells = [f"{r['metrics'][m]['mean']:.4g} ± {r['metrics'][m]['ci95']:.2g}" if r["metrics"][m]["ci95"] is not None
                  else f"{r['metrics'][m]['mean']:.4g}" for m in metrics]
-        lines.append(f"| {r['row']} | {r['gflops_per_sample']:.3g} | " + " | ".join(cells) + f" | `{r['file']}` |")
+        name = r["row"].replace("|", "\\|")  # router names hold p(k | ...): escaped inside a table cell
+        lines.append(f"| {name} | {r['gflops_per_sample']:.3g} | " + " | ".join(cells) + f" | `{r['file']}` |")
     return "\n".join(lines)
 
 
