@@ -100,6 +100,7 @@ class LatentsConfig(Strict):
     batch_size: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="VAE weights and activations; fp16 is not offered (the SD VAE overflows in fp16).")
+    store_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Stored latent dtype: bf16 halves storage, transfer and training-window memory; training computes in fp32.")
 
 
 class TextConfig(Strict):
@@ -182,6 +183,7 @@ class TrainingConfig(Strict):
     log_every_nimg: int = Field(2_048, ge=1)
     sample_every_nimg: int | None = Field(None, ge=1, description="Write an EMA sample grid every this many images (None = only at the end).")
     data_workers: int = Field(0, ge=0)
+    data_window_rows: int = Field(65_536, ge=1, description="Rows of shuffled shards held in memory by each training worker (plus one prefetched window); the data order depends on it.")
 
 
 class RouterConfig(Strict):

@@ -29,7 +29,7 @@ from common.config import IslandConfig, ModelConfig, RunConfig, TrainingConfig
 from common.manifests import ExpertManifest, ExportRecord, RouterManifest
 from common.storage import RunStore, ScopedStore, open_store
 from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export
-from worker.data import DataOrder, TrainData, load_partition, mix_seed, prefetch, worker_positions
+from worker.data import PartitionStream, mix_seed, open_partition, worker_positions
 from worker.devices import autocast, check_training_device, configure_numerics, training_device
 from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
 from worker.metrics import TensorBoardLog, matmul_tflops, report_progress, tensorboard_prefix
@@ -97,7 +97,7 @@ def job_store(store: RunStore, job: TrainJob) -> ScopedStore:
                         read_only=[job.manifest_key] + sorted({r.path for r in refs}))
 
 
-def _build(job: TrainJob, data: TrainData) -> torch.nn.Module:
+def _build(job: TrainJob, data: PartitionStream) -> torch.nn.Module:
     if job.kind == "router":
         return build_router(job.model, data.latent_shape, data.num_experts, data.num_classes, data.text_dim)
     return build_dit(job.model, data.latent_shape, data.num_classes, data.text_dim)
@@ -130,7 +130,7 @@ def _crossed(nimg: int, batch: int, every: int | None) -> bool:
     return bool(every) and nimg // every != (nimg - batch) // every
 
 
-def _micro_batch(job: TrainJob, model: torch.nn.Module, data: TrainData, device: torch.device, world: int) -> int:
+def _micro_batch(job: TrainJob, model: torch.nn.Module, data: PartitionStream, device: torch.device, world: int) -> int:
     """job.micro_batch, or with auto_micro_batch on CUDA the largest that a forward + backward probe fits."""
     if not job.auto_micro_batch:
         return job.micro_batch
@@ -139,7 +139,7 @@ def _micro_batch(job: TrainJob, model: torch.nn.Module, data: TrainData, device:
         batch = {"x0": torch.zeros(mb, *data.latent_shape, device=device),
                  "labels": torch.zeros(mb, dtype=torch.long, device=device),
                  "cluster": torch.zeros(mb, dtype=torch.long, device=device),
-                 "text": None if data.text_dim is None else torch.zeros(mb, data.text_tokens.shape[1], data.text_dim, device=device)}
+                 "text": None if data.text_dim is None else torch.zeros(mb, data.text_length(), data.text_dim, device=device)}
         with autocast(device, job.training.precision):
             loss, _ = objective(job, model, model.config.num_classes, batch, torch.full((mb,), 0.5, device=device),
                                  torch.ones_like(batch["x0"]), torch.zeros(mb, dtype=torch.bool, device=device))
@@ -172,7 +172,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
         device = training_device(job.use_gpu, job.island, job.name)  # use_gpu without CUDA is an error
     check_training_device(device, job.use_gpu, job.island, job.name)
     configure_numerics(tc.tf32, tc.deterministic)
-    data = load_partition(store, job.manifest_key, job.kind)
+    data = open_partition(store, job.manifest_key, job.kind, tc.data_window_rows)  # streamed, bounded memory
     torch.manual_seed(job.seed)  # identical initial weights on every worker
     model = _build(job, data).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -186,7 +186,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     pos = worker_positions(job.batch, mb, rank, world).to(device)
     accum, shape, null = job.batch // (mb * world), data.latent_shape, model.config.num_classes
     meter = _Meter(job, model, device, rank, nimg)
-    for batch in prefetch(data, DataOrder(data.rows, job.seed), nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device):
+    for batch in data.stream(nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device, job.seed):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
         t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
         micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
