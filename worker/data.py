@@ -8,9 +8,10 @@ cursor of a resumed run is just `nimg` (edm2 style):
     windows of at least `window_rows` rows; inside window w the rows are visited in the order
     randperm(rows of w; seed, e, w).
 
-Only the windows that the current step touches, plus the next one (prefetched by a background
-thread), are resident, so memory is bounded by about 2 x (window_rows + one shard) rows whatever the
-partition size. With window_rows >= N there is one window per epoch: a full shuffle.
+Only the windows that the current step touches, plus the next one (read ahead by a background
+thread), are resident: with a batch no larger than a window, at most three windows of at most
+window_rows + one shard rows each, whatever the partition size. With window_rows >= N there is one
+window per epoch: a full shuffle, as before streaming.
 """
 
 from __future__ import annotations
