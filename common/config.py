@@ -110,8 +110,10 @@ class TextConfig(Strict):
 
 
 class PrepareConfig(Strict):
-    num_workers: int = Field(2, ge=1, description="Parallel encoding workers (Ray actors).")
-    use_gpu: bool = Field(False, description="Give each encoding worker one GPU.")
+    num_workers: int = Field(2, ge=1, description="Encoder actors (each builds its encoders once); capped by the cluster's CPUs, and by its GPUs with use_gpu.")
+    use_gpu: bool = Field(False, description="Give each encoder actor one GPU.")
+    encoder_cpus: float = Field(0.5, gt=0, description="CPUs reserved per encoder actor (a scheduling share: with a GPU it mostly waits on the device).")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per read + decode task of the Ray Data pipeline.")
 
 
 class ClusteringConfig(Strict):
@@ -125,6 +127,7 @@ class ClusteringConfig(Strict):
     balanced: bool = Field(False, description="Cap cluster sizes at max_cluster_fraction by reassigning overflow to the next-nearest centroid.")
     max_cluster_fraction: float = Field(0.5, gt=0, le=1)
     assign_chunk_rows: int = Field(65_536, ge=1, description="Rows per assignment chunk: bounds memory, not the dataset.")
+    parallel_min_rows: int = Field(262_144, ge=1, description="From this many rows, assignment runs shard by shard as Ray tasks when Ray is up (not with balanced, whose cap is sequential).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

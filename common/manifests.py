@@ -82,9 +82,26 @@ class QuarantineEntry(BaseModel):
     reason: str
 
 
+class PreparedShard(Record):
+    """data/parts/<i:05d>.json: shard i of a prepare plan (listing positions [start, stop)), committed
+    by the worker that wrote it, after its payloads. A rerun of the same plan keeps it."""
+    shard: int = Field(ge=0)
+    plan: str = Field(description="sha256 of everything that decides the shard's bytes: config sections and listing")
+    start: int = Field(ge=0)
+    stop: int = Field(ge=0)
+    data: ShardRef | None = Field(None, description="None when every item of the range was quarantined")
+    captions: FileRef | None = None
+    used: list[int] = Field(default_factory=list, description="listing position of each row, in row order")
+    digests: list[str] = Field(default_factory=list, description="sha256 of each row's source bytes ('' for built-ins)")
+    quarantined: list[tuple[int, str]] = Field(default_factory=list, description="(listing position, reason)")
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    encoder_pid: int = 0
+
+
 class DatasetManifest(Record):
-    """data/dataset.json: the prepared dataset. Shards hold `latents`, `features`, `labels`, `index`
-    (and optionally `thumbs`, `text_pooled`, `text_tokens`)."""
+    """data/dataset.json: the prepared dataset. Shards hold `latents` (bf16 unless latent_dtype says
+    fp32), `features` (fp32), `labels`, `index` (the row's position in the source listing; rows of a
+    shard come from one contiguous range of it) and optionally `thumbs`, `text_pooled`, `text_tokens`."""
     source: str
     discovered: int
     used: int
@@ -94,6 +111,7 @@ class DatasetManifest(Record):
     num_classes: int | None = None
     text_dim: int | None = None
     latent_scale: dict[str, float] = Field(default_factory=dict)
+    latent_dtype: Literal["bf16", "fp32"] = "fp32"
     shards: list[ShardRef]
     quarantine: FileRef | None = None
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from common.manifests import ExpertManifest, RouterManifest, ShardRef
 from common.storage import RunStore
+
+
+def load_numpy(data: bytes) -> dict[str, np.ndarray]:
+    """A safetensors payload as numpy arrays; bf16 (the default latent dtype, which numpy lacks) as float32."""
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load(data).items()}
 
 
 def _shard(store: RunStore, key: str, tensors: dict[str, torch.Tensor]) -> ShardRef:

@@ -3,18 +3,12 @@ shards, and cut each expert's own partition (docs/design.md §2, §4; paper §4.
 
 Store layout written here:
     clusters/centroids.safetensors        fine [F,D], coarse [K,D], fine_to_coarse [F], fine_counts [F]
-    clusters/assignments/<i:05d>.safetensors   cluster [N_i] int64, aligned with data shard i (held-out rows
-                                          included: their cluster is the router's target in ddm eval)
-    clusters/router/<k:02d>-<i:05d>.safetensors  cluster [rows] = k, aligned with expert k's shard i
+    clusters/assignments/<i:05d>.safetensors   cluster [N_i] int64, aligned with data shard i
     clusters/report.json, sizes.png, cluster_<k:02d>.png (thumbnail grid per cluster)
     clusters/clusters.json                ClusterManifest (committed after the above)
-    experts/<k:02d>/data/<i:05d>.safetensors   training rows of data shard i in cluster k (skipped when none);
-                                          `index` maps each row to its source key (data/keys/<i>.jsonl)
+    experts/<k:02d>/data/<i:05d>.safetensors   rows of data shard i in cluster k (skipped when none)
     experts/<k:02d>/manifest.json         ExpertManifest, committed after its shards
-    router/manifest.json                  RouterManifest: every expert shard + its constant-cluster file
-
-Held-out rows (data.holdout_fraction, worker.prepare.heldout_mask) are assigned a cluster but enter no
-partition, no router row and no k-means fit sample.
+    router/manifest.json                  RouterManifest: all data shards + assignments
 
 Memory is bounded by one shard plus the fit sample: features are read chunk by chunk
 (`clustering.assign_chunk_rows`) from each shard, and partitions are cut shard by shard.
@@ -34,19 +28,20 @@ import io
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from dataclasses import dataclass, field
+
 from safetensors import safe_open
-from safetensors.numpy import save as save_safetensors
+from safetensors.torch import save as save_safetensors
 
 from common.config import RunConfig
 from common.manifests import (ClusterManifest, DatasetManifest, ExpertManifest, FileRef, RouterManifest,
                               ShardRef, StageResult)
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, prepare, resolve_device
-from worker.prepare import heldout_mask
 
 log = logging.getLogger(__name__)
 GRID_THUMBS = 64
@@ -58,28 +53,10 @@ def _shard_ranges(ds: DatasetManifest) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def training_mask(ds: DatasetManifest, index: np.ndarray) -> np.ndarray:
-    """True for the rows experts and router may train on: every row not held out for evaluation."""
-    hold = ds.extra.get("holdout") or {}
-    if not hold.get("fraction"):
-        return np.ones(len(index), dtype=bool)
-    return ~heldout_mask(index, hold["fraction"], hold["seed"])
-
-
-def _training_positions(store: RunStore, ds: DatasetManifest) -> torch.Tensor:
-    """Dataset positions (shard after shard) of the training rows."""
-    keep = []
-    for ref in ds.shards:
-        with safe_open(store.local_copy(ref), "np") as f:
-            keep.append(training_mask(ds, f.get_tensor("index")))
-    return torch.from_numpy(np.nonzero(np.concatenate(keep))[0])
-
-
 def fit_sample(store: RunStore, ds: DatasetManifest, size: int, seed: int) -> torch.Tensor:
-    """A uniform random sample of training feature rows (seeded), read shard by shard."""
-    rows = _training_positions(store, ds)
-    pick = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:min(size, len(rows))]]
-    pick = pick.sort().values
+    """A uniform random sample of feature rows (seeded), read shard by shard."""
+    n = ds.used
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(size, n)].sort().values
     parts = []
     for ref, (a, b) in zip(ds.shards, _shard_ranges(ds)):
         local = pick[(pick >= a) & (pick < b)] - a
@@ -87,6 +64,72 @@ def fit_sample(store: RunStore, ds: DatasetManifest, size: int, seed: int) -> to
             with safe_open(store.local_copy(ref), "pt") as f:
                 parts.append(f.get_tensor("features")[local])
     return torch.cat(parts)
+
+
+@dataclass
+class ShardAssignment:
+    """What assigning one data shard yields: its payloads' refs and small per-cluster summaries."""
+    assignment: ShardRef
+    experts: list[ShardRef | None]
+    sizes: torch.Tensor                                   # [K]
+    sums: torch.Tensor                                    # [K, D] feature sums (random method only)
+    class_counts: list[dict[int, int]]
+    thumbs: list[list[np.ndarray]] = field(default_factory=list)
+
+
+def assign_shard(store: RunStore, ref: ShardRef, i: int, k: int, metric: str, chunk: int,
+                 assigner: BalancedAssigner | None = None, cluster: torch.Tensor | None = None) -> ShardAssignment:
+    """Assign data shard i (features read `chunk` rows at a time) and write its assignment file and each
+    expert's rows of it. `cluster` is given for the random method, else `assigner` decides."""
+    sums = torch.zeros(k, 0, dtype=torch.float64)
+    with safe_open(store.local_copy(ref), "pt") as f:
+        feats = f.get_slice("features")
+        if cluster is None:
+            assert assigner is not None
+            cluster = torch.cat([assigner(feats[c0:c0 + chunk]) for c0 in range(0, ref.rows, chunk)])
+        else:  # random: the clusters' feature means stand in for centroids
+            sums = torch.zeros(k, feats.get_shape()[1], dtype=torch.float64)
+            for c0 in range(0, ref.rows, chunk):
+                x = prepare(feats[c0:c0 + chunk], metric).double()
+                sums.index_add_(0, cluster[c0:c0 + len(x)], x)
+        tensors = {name: f.get_tensor(name) for name in PARTITION_TENSORS if name in f.keys()}
+        shard_thumbs = f.get_tensor("thumbs").numpy() if "thumbs" in f.keys() else None
+    aref = store.put_payload(f"clusters/assignments/{i:05d}.safetensors", save_safetensors({"cluster": cluster.long()}))
+    out = ShardAssignment(ShardRef(**aref.model_dump(), rows=ref.rows), [None] * k,
+                          torch.bincount(cluster, minlength=k), sums, [{} for _ in range(k)], [[] for _ in range(k)])
+    for e in range(k):
+        rows = (cluster == e).nonzero()[:, 0]
+        if len(rows) == 0:
+            continue
+        part = {name: v[rows].contiguous() for name, v in tensors.items()}
+        eref = store.put_payload(f"{expert_prefix(e)}/data/{i:05d}.safetensors", save_safetensors(part))
+        out.experts[e] = ShardRef(**eref.model_dump(), rows=len(rows))
+        labels, counts = part["labels"].unique(return_counts=True)
+        out.class_counts[e] = {int(la): int(c) for la, c in zip(labels.tolist(), counts.tolist()) if la >= 0}
+        if shard_thumbs is not None:
+            out.thumbs[e] = list(shard_thumbs[rows[:GRID_THUMBS].numpy()])
+    return out
+
+
+def _assign_all(store: RunStore, ds: DatasetManifest, jobs: list[dict], k: int, metric: str, chunk: int,
+                parallel: bool) -> Iterator[ShardAssignment]:
+    """Every shard's assignment, in shard order: in this process, or as Ray tasks (a bounded number in
+    flight, so the driver holds a few shards' summaries, never the data) when `parallel` and Ray is up."""
+    import ray
+
+    if not parallel or not ray.is_initialized():
+        for i, (ref, job) in enumerate(zip(ds.shards, jobs)):
+            yield assign_shard(store, ref, i, k, metric, chunk, **job)
+        return
+    task = ray.remote(num_cpus=1)(assign_shard)
+    assigner = ray.put(jobs[0]["assigner"])
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    futures: dict[int, Any] = {}
+    for i in range(len(ds.shards)):
+        while len(futures) < window and i + len(futures) < len(ds.shards):
+            j = i + len(futures)
+            futures[j] = task.remote(store, ds.shards[j], j, k, metric, chunk, assigner)
+        yield ray.get(futures.pop(i))
 
 
 def _clear(store: RunStore) -> None:
@@ -142,74 +185,49 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     ds = store.read_record("data/dataset.json", DatasetManifest)
     if ds is None:
         raise FileNotFoundError(f"{store.url}/data/dataset.json: not committed; run the prepare stage first")
-    n = ds.used - int((ds.extra.get("holdout") or {}).get("rows", 0))  # training rows
+    n = ds.used
     if k > n:
-        raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared training rows")
+        raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared rows")
     _clear(store)
     device = resolve_device(cc.device)
     details: dict[str, Any] = {}
     if cc.method == "random":
         # Ablation baseline: a seeded permutation dealt round-robin, so sizes differ by at most one.
-        # Training rows are dealt first, so their sizes differ by at most one; held-out rows get a draw too.
-        gen = torch.Generator().manual_seed(config.seed)
-        perm = torch.randperm(ds.used, generator=gen) % k
-        train_pos = _training_positions(store, ds)
-        perm[train_pos] = torch.randperm(len(train_pos), generator=gen) % k
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % k
         fine = coarse = None
     else:
         sample = fit_sample(store, ds, cc.fit_sample, config.seed).to(device)
         model = fit_two_stage(sample, cc.num_fine_centroids, k, cc.iterations, cc.metric, config.seed)
         fine, coarse = model.fine, model.coarse
-        # Capacity over every row: held-out rows are assigned a cluster too (they train nothing).
-        cap = balanced_capacity(ds.used, k, cc.max_cluster_fraction) if cc.balanced else None
-        assign = BalancedAssigner(coarse, cc.metric, cap)
+        cap = balanced_capacity(n, k, cc.max_cluster_fraction) if cc.balanced else None
+        assign = BalancedAssigner(coarse if cap else coarse.cpu(), cc.metric, cap)  # Ray tasks get CPU centroids
         details = {"fit_rows": len(sample), "num_fine": len(fine), "inertia_fine": model.inertia_fine,
                    "inertia_coarse": model.inertia_coarse, "capacity": cap}
 
     sums = torch.zeros(k, ds.feature_dim, dtype=torch.float64)
     sizes = torch.zeros(k, dtype=torch.long)
-    assigned = torch.zeros(k, dtype=torch.long)  # every row, held-out included (random centroids)
     class_counts: list[dict[int, int]] = [{} for _ in range(k)]
     thumbs: list[list[np.ndarray]] = [[] for _ in range(k)]
     assignment_refs: list[ShardRef] = []
     expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    for i, (ref, (a, b)) in enumerate(zip(ds.shards, _shard_ranges(ds))):
-        with safe_open(store.local_copy(ref), "pt") as f:
-            feats = f.get_slice("features")
-            if cc.method == "random":
-                cluster = perm[a:b].clone()
-                for c0 in range(0, b - a, cc.assign_chunk_rows):
-                    x = prepare(feats[c0:c0 + cc.assign_chunk_rows], cc.metric)
-                    sums.index_add_(0, cluster[c0:c0 + len(x)], x.double())
-            else:
-                cluster = torch.cat([assign(feats[c0:c0 + cc.assign_chunk_rows])
-                                     for c0 in range(0, b - a, cc.assign_chunk_rows)])
-            tensors = {name: f.get_tensor(name).numpy() for name in PARTITION_TENSORS if name in f.keys()}
-            shard_thumbs = f.get_tensor("thumbs").numpy() if "thumbs" in f.keys() else None
-        train = training_mask(ds, tensors["index"])
-        sizes += torch.bincount(cluster[torch.from_numpy(train)], minlength=k)
-        assigned += torch.bincount(cluster, minlength=k)
-        aref = store.put_payload(f"clusters/assignments/{i:05d}.safetensors",
-                                 save_safetensors({"cluster": cluster.numpy().astype(np.int64)}))
-        assignment_refs.append(ShardRef(**aref.model_dump(), rows=b - a))
-        cl = cluster.numpy()
+    ranges = _shard_ranges(ds)
+    if cc.method == "random":
+        jobs = [dict(cluster=perm[a:b].clone()) for a, b in ranges]
+    else:
+        jobs = [dict(assigner=assign) for _ in ranges]
+    parallel = cc.method != "random" and not cc.balanced and n >= cc.parallel_min_rows
+    for part in _assign_all(store, ds, jobs, k, cc.metric, cc.assign_chunk_rows, parallel):
+        sizes += part.sizes
+        if part.sums.numel():
+            sums += part.sums
+        assignment_refs.append(part.assignment)
         for e in range(k):
-            rows = np.nonzero((cl == e) & train)[0]
-            if len(rows) == 0:
-                continue
-            part = {name: np.ascontiguousarray(v[rows]) for name, v in tensors.items()}
-            eref = store.put_payload(f"{expert_prefix(e)}/data/{i:05d}.safetensors", save_safetensors(part))
-            expert_refs[e].append(ShardRef(**eref.model_dump(), rows=len(rows)))
-            rref = store.put_payload(f"clusters/router/{e:02d}-{i:05d}.safetensors",
-                                     save_safetensors({"cluster": np.full(len(rows), e, dtype=np.int64)}))
-            router_refs[e].append(ShardRef(**rref.model_dump(), rows=len(rows)))
-            labels, counts = np.unique(part["labels"], return_counts=True)
-            for label, count in zip(labels.tolist(), counts.tolist()):
-                if label >= 0:
-                    class_counts[e][label] = class_counts[e].get(label, 0) + count
-            if shard_thumbs is not None and len(thumbs[e]) < GRID_THUMBS:
-                thumbs[e].extend(shard_thumbs[rows[:GRID_THUMBS - len(thumbs[e])]])
+            if part.experts[e] is not None:
+                expert_refs[e].append(part.experts[e])
+            for label, count in part.class_counts[e].items():
+                class_counts[e][label] = class_counts[e].get(label, 0) + count
+            thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(thumbs[e])])
+    details["parallel_assignment"] = parallel
 
     size_list = sizes.tolist()
     if min(size_list) == 0:
@@ -217,14 +235,14 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         raise ConfigError(f"clustering.num_experts = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
                          "lower clustering.num_experts or set clustering.balanced=true")
     if coarse is None:  # random: centroids are the clusters' feature means, for the report and router
-        coarse = (sums / assigned[:, None]).float()
+        coarse = (sums / sizes[:, None]).float()
         coarse = prepare(coarse, cc.metric)
         fine = coarse
     f2c = torch.arange(k) if cc.method == "random" else model.fine_to_coarse
     fine_counts = sizes if cc.method == "random" else model.fine_counts
     centroids = store.put_payload("clusters/centroids.safetensors", save_safetensors({
-        "fine": fine.cpu().numpy(), "coarse": coarse.cpu().numpy(),
-        "fine_to_coarse": f2c.cpu().numpy().astype(np.int64), "fine_counts": fine_counts.cpu().numpy().astype(np.float32)}))
+        "fine": fine.cpu().float().clone(), "coarse": coarse.cpu().float().clone(),  # random: fine is coarse
+        "fine_to_coarse": f2c.cpu().long().contiguous(), "fine_counts": fine_counts.cpu().float().contiguous()}))
 
     images = [store.put_payload("clusters/sizes.png", _histogram(size_list, f"{cc.method}, K = {k}, {n} rows"))]
     images += [store.put_payload(f"clusters/cluster_{e:02d}.png", _grid(thumbs[e])) for e in range(k) if thumbs[e]]
@@ -242,10 +260,9 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
             expert=e, num_experts=k, rows=size_list[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
             text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
-    # The router reads the experts' own shards (training rows only), each with a constant-cluster file.
     store.commit("router/manifest.json", RouterManifest(
         num_experts=k, rows=n, latent_shape=ds.latent_shape, num_classes=ds.num_classes, text_dim=ds.text_dim,
-        shards=[r for refs in expert_refs for r in refs], assignments=[r for refs in router_refs for r in refs]))
+        shards=ds.shards, assignments=assignment_refs))
     log.info("cluster: %s K=%d sizes %s (label purity %.2f)", cc.method, k, size_list, purity)
     outputs = [centroids, report_ref, *images] + [FileRef(path=r.path, sha256=r.sha256, size=r.size)
                                                  for r in assignment_refs]

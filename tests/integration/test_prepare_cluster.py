@@ -9,12 +9,12 @@ import uuid
 
 import numpy as np
 import torch
-from safetensors.numpy import load
 
 import worker.encoders as enc
 from common.config import RunConfig
 from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest, ShardRef
 from common.storage import RunStore
+from tests.partitions import load_numpy as load
 from tests.unit.test_decode import BAD, GOOD, messy_config, write_messy_folder
 from worker.partition import cluster_data
 from worker.prepare import prepare_data

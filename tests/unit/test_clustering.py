@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load
 from sklearn.metrics import adjusted_rand_score
 
 from common.config import ConfigError, RunConfig
 from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest
 from common.storage import RunStore
+from tests.partitions import load_numpy as load
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, kmeans, nearest, prepare
 from worker.partition import cluster_data
 from worker.prepare import heldout_mask, prepare_data

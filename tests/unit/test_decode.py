@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load as load_safetensors
+from safetensors.torch import load as load_safetensors
 
 from common.config import RunConfig
 from common.manifests import DatasetManifest
@@ -121,7 +121,8 @@ def test_messy_folder_every_item_used_or_quarantined_with_its_reason(tmp_path):
     result = prepare_data(messy_config(tmp_path / "src"), store)
 
     n = len(GOOD) + len(BAD)
-    assert result.counts == {"discovered": n, "used": len(GOOD), "quarantined": len(BAD), "shards": 2}
+    # shard i holds the usable items of listing positions [8 i, 8 i + 8): 19 items -> 3 shards
+    assert result.counts == {"discovered": n, "used": len(GOOD), "quarantined": len(BAD), "shards": 3}
     quarantine = [json.loads(line) for line in store.read_bytes("data/quarantine.jsonl").decode().splitlines()]
     reasons = {q["source"]: q["reason"] for q in quarantine}
     assert set(reasons) == set(BAD)
@@ -136,12 +137,14 @@ def test_messy_folder_every_item_used_or_quarantined_with_its_reason(tmp_path):
     assert ds.latent_shape == [3, 8, 8] and ds.feature_dim == 3 * 4 * 4
     assert ds.extra["classes"] == ["bad", "bird", "cat", "dog"] and ds.num_classes == 4
     shards = [load_safetensors(store.get_payload(s)) for s in ds.shards]
-    assert [len(s["labels"]) for s in shards] == [8, len(GOOD) - 8]
-    latents = np.concatenate([s["latents"] for s in shards])
-    assert latents.dtype == np.float32 and latents.min() >= -1 and latents.max() <= 1
-    assert np.concatenate([s["index"] for s in shards]).tolist() == list(range(len(GOOD)))
-    assert shards[0]["thumbs"].shape == (8, 8, 8, 3) and shards[0]["thumbs"].dtype == np.uint8
-    labels = np.concatenate([s["labels"] for s in shards]).tolist()
+    listing = sorted([*GOOD, *BAD])
+    assert [len(s["labels"]) for s in shards] == [1, 8, 2]  # the duplicate (last) is dropped from shard 2
+    assert ds.shards[2].path == "data/shards/00002-dedup.safetensors" and ds.latent_dtype == "bf16"
+    latents = torch.cat([s["latents"] for s in shards])
+    assert latents.dtype == torch.bfloat16 and latents.min() >= -1 and latents.max() <= 1
+    assert [listing[i] for i in torch.cat([s["index"] for s in shards]).tolist()] == sorted(GOOD)
+    assert shards[1]["thumbs"].shape == (8, 8, 8, 3) and shards[1]["thumbs"].dtype == torch.uint8
+    labels = torch.cat([s["labels"] for s in shards]).tolist()
     assert sorted(labels) == sorted({"cat": 2, "dog": 3, "bird": 1}[k.split("/")[0]] for k in GOOD)
     captions = [json.loads(line) for ref in ds.extra["captions"]
                 for line in store.read_bytes(ref["path"]).decode().splitlines()]

@@ -72,7 +72,7 @@ def test_prepare_with_vae_dinov2_and_clip(tiny_models, tmp_path):
     ds = store.read_record("data/dataset.json", DatasetManifest)
     assert ds.latent_shape == [4, 8, 8] and ds.feature_dim == 32 and ds.text_dim == 32
     assert ds.latent_scale == {"scaling_factor": 0.5, "shift_factor": 0.1}
-    from safetensors.numpy import load
+    from tests.partitions import load_numpy as load
 
     shard = load(store.get_payload(ds.shards[0]))
     assert shard["text_tokens"].shape == (8, 8, 32) and shard["thumbs"].shape == (8, 16, 16, 3)

@@ -10,7 +10,7 @@ import uuid
 import fsspec
 import numpy as np
 import pytest
-from safetensors.numpy import load as load_safetensors
+from safetensors.torch import load as load_safetensors
 from sklearn.datasets import load_digits
 
 from common.config import DataConfig, RunConfig
@@ -56,17 +56,20 @@ def test_tar_shards_with_captions_and_labels(tmp_path):
     write_shards(tmp_path / "tars")
     store = RunStore(str(tmp_path / "run"))
     result = prepare_data(config(str(tmp_path / "tars"), captions=True, label_source="builtin"), store)
-    assert result.counts == {"discovered": 5, "used": 4, "quarantined": 1, "shards": 1}
+    # listing positions [0, 4) hold s000..s002 + broken, [4, 5) the png sample: two shards
+    assert result.counts == {"discovered": 5, "used": 4, "quarantined": 1, "shards": 2}
     (q,) = [json.loads(line) for line in store.read_bytes("data/quarantine.jsonl").decode().splitlines()]
     assert q["source"] == "shard-000.tar:broken" and q["reason"].startswith(("truncated:", "not_an_image:", "decode_error:"))
     ds = store.read_record("data/dataset.json", DatasetManifest)
-    shard = load_safetensors(store.get_payload(ds.shards[0]))
-    assert shard["labels"].tolist() == [0, 1, 0, 1] and ds.num_classes == 2
-    captions = [json.loads(line)["caption"] for line in store.read_bytes(ds.extra["captions"][0]["path"]).decode().splitlines()]
+    shards = [load_safetensors(store.get_payload(s)) for s in ds.shards]
+    assert torch.cat([s["labels"] for s in shards]).tolist() == [0, 1, 0, 1] and ds.num_classes == 2
+    assert torch.cat([s["index"] for s in shards]).tolist() == [0, 1, 2, 4]  # listing positions
+    captions = [json.loads(line)["caption"] for ref in ds.extra["captions"]
+                for line in store.read_bytes(ref["path"]).decode().splitlines()]
     assert captions == ["caption number 0", "caption number 1", "caption number 2", "from json"]
     # the image bytes are read by byte range and decode to the same pixels as the original file
-    direct = load_safetensors(store.get_payload(ds.shards[0]))["latents"][3]
-    assert direct.shape == (3, 8, 8) and np.isfinite(direct).all()
+    direct = shards[1]["latents"][0].float()
+    assert direct.shape == (3, 8, 8) and torch.isfinite(direct).all()
 
 
 def test_single_tar_path_and_labels_file(tmp_path):
@@ -123,14 +126,16 @@ def test_builtin_gmm_records_its_exact_parameters_and_samples_match(tmp_path):
     assert means.shape == (4, 4) and ds.latent_shape == [1, 2, 2] and np.isclose(weights.sum(), 1)
     d = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert np.isclose(d[d > 0].min(), 4.0 * stds[0])  # neighbouring means: separation x std apart
-    shard = load_safetensors(store.get_payload(ds.shards[0]))
+    shard = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+             for k, v in load_safetensors(store.get_payload(ds.shards[0])).items()}
     x, y = shard["latents"].reshape(len(shard["labels"]), -1), shard["labels"]
     assert np.abs(x).mean() < 1 and (np.abs(x) <= 1.2).mean() > 0.99  # roughly in [-1, 1]
     for k in range(4):
         assert np.allclose(x[y == k].mean(0), means[k], atol=0.03)
         assert np.isclose((x[y == k] - means[k]).std(), stds[k], rtol=0.1)
         assert abs((y == k).mean() - weights[k]) < 0.03
-    assert np.allclose(shard["features"], x)  # the pixels extractor at full size is the point itself
+    # the pixels extractor at full size is the point itself (features fp32, latents stored as bf16)
+    assert np.allclose(shard["features"], x, atol=2 ** -8, rtol=2 ** -8)
 
 
 def test_builtin_shapes_captions_name_the_labelled_shape():
