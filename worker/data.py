@@ -26,7 +26,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
 from common.manifests import ExpertManifest, ManifestError, RouterManifest, ShardRef
 from common.storage import RunStore

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import re
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -191,6 +192,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     _clear(store)
     device = resolve_device(cc.device)
     details: dict[str, Any] = {}
+    t0 = time.perf_counter()
     if cc.method == "random":
         # Ablation baseline: a seeded permutation dealt round-robin, so sizes differ by at most one.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % k
@@ -216,6 +218,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     else:
         jobs = [dict(assigner=assign) for _ in ranges]
     parallel = cc.method != "random" and not cc.balanced and n >= cc.parallel_min_rows
+    t1 = time.perf_counter()
     for part in _assign_all(store, ds, jobs, k, cc.metric, cc.assign_chunk_rows, parallel):
         sizes += part.sizes
         if part.sums.numel():
@@ -228,6 +231,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
                 class_counts[e][label] = class_counts[e].get(label, 0) + count
             thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(thumbs[e])])
     details["parallel_assignment"] = parallel
+    timings = {"fit_s": round(t1 - t0, 3), "assign_s": round(time.perf_counter() - t1, 3)}  # not in the report: it stays reproducible
 
     size_list = sizes.tolist()
     if min(size_list) == 0:
@@ -267,4 +271,4 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     outputs = [centroids, report_ref, *images] + [FileRef(path=r.path, sha256=r.sha256, size=r.size)
                                                  for r in assignment_refs]
     return StageResult(counts={"rows": n, "num_experts": k, **{f"size_{e}": s for e, s in enumerate(size_list)}},
-                       outputs=outputs, details={"label_purity": purity, **details})
+                       outputs=outputs, details={"label_purity": purity, **details, **timings})
