@@ -43,7 +43,8 @@ from common.config import RunConfig
 from common.manifests import DatasetManifest, FileRef, PreparedShard, QuarantineEntry, ShardRef, StageResult
 from common.storage import RunStore
 from worker.encoders import PixelFeatures, vae_config, vae_scale
-from worker.prepare_shard import ShardEncoder, decode_batch, decode_items, part_key
+from worker.prepare_decode import decode_batch, decode_items
+from worker.prepare_shard import ShardEncoder, part_key
 from worker.sources import Discovery, Item, discover
 
 log = logging.getLogger(__name__)
