@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import pickle
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -190,8 +191,10 @@ def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> tuple[Shar
 
 def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
     """List, decode, encode and write the dataset; returns {discovered, used, quarantined, shards}."""
+    t0 = time.perf_counter()
     found = discover(config.data, config.seed)
     items, R = found.items, config.data.shard_rows
+    listed = time.perf_counter()
     plan = plan_id(config, items)
     kept = kept_parts(store, plan)
     pending = [i for i in range(-(-len(items) // R)) if i not in kept]
@@ -199,8 +202,10 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
         log.info("prepare: resuming, %d of %d shards already committed", len(kept), len(kept) + len(pending))
     pca, pca_info = fit_pca(config, found)
     parts = dict(kept)
+    first = last = time.perf_counter()
     for done, part in enumerate(run_shards(config, store, found, pending, plan, pca), 1):
         parts[part.shard] = part
+        first, last = (time.perf_counter() if done == 1 else first), time.perf_counter()
         if done % 10 == 0 or done == len(pending):
             log.info("prepare: %d / %d shards written", done, len(pending))
     ordered = [parts[i] for i in sorted(parts)]
@@ -240,4 +245,7 @@ def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
         outputs=[FileRef(path=s.path, sha256=s.sha256, size=s.size) for s, _ in shards] + [qref],
         details={"quarantine_reasons": kinds, "latent_shape": shape["latents"], "feature_dim": shape["features"][0],
                  "encode_processes": sorted({p.encoder_pid for p in parts.values() if p.shard in pending}),
-                 "resumed_shards": len(kept)})
+                 "resumed_shards": len(kept), "listing_s": round(listed - t0, 3),
+                 "first_shard_s": round(first - t0, 3),  # listing + pipeline start-up (worker processes)
+                 "steady_img_per_s": round(sum(parts[i].stop - parts[i].start for i in pending[1:]) / (last - first), 1)
+                 if len(pending) > 1 and last > first else None})
