@@ -6,13 +6,13 @@ root (no scheme, no absolute path, no `..`), so a manifest cannot point a reader
 
 from __future__ import annotations
 
-from common.errors import DDMError
-
 import posixpath
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.errors import DDMError
 
 SCHEMA_VERSION = 1
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")

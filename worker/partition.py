@@ -20,27 +20,23 @@ the partition the paper's method is defined on. Lower K, or set clustering.balan
 
 from __future__ import annotations
 
-from common.keys import ROUTER, expert_prefix, manifest_key
-
-from common.config import ConfigError
-
 import io
 import json
 import logging
 import re
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from dataclasses import dataclass, field
-
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from common.config import RunConfig
-from common.manifests import (ClusterManifest, DatasetManifest, ExpertManifest, FileRef, RouterManifest,
-                              ShardRef, StageResult)
+from common.config import ConfigError, RunConfig
+from common.keys import ROUTER, expert_prefix, manifest_key
+from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, FileRef, RouterManifest, ShardRef, StageResult
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, prepare, resolve_device
 

@@ -2,7 +2,7 @@
 Ray Data pipeline when Ray is initialised (local mode starts the local Ray for this stage).
 
     listing       `discover` (fsspec) on the driver; shard i = listing positions [i R, (i + 1) R)
-    read + decode Ray Data map_batches tasks, one shard range per call (worker/prepare_shard.py)
+    read + decode Ray Data map_batches tasks, one shard range per call (worker/prepare_decode.py)
     encode        an actor pool (prepare.num_workers actors, capped by the cluster's CPUs, and by its
                   GPUs with prepare.use_gpu); each actor builds its encoders once, writes its shards to
                   the run store and commits data/parts/<i>.json; the driver receives only those records
@@ -25,22 +25,21 @@ kept and their ranges skipped. Without Ray, or for a single shard, the same func
 
 from __future__ import annotations
 
-from common.config import ConfigError
-from common.errors import DataError
-
 import hashlib
 import json
 import logging
 import pickle
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
+from common.errors import DataError
 from common.manifests import DatasetManifest, FileRef, PreparedShard, QuarantineEntry, ShardRef, StageResult
 from common.storage import RunStore
 from worker.encoders import PixelFeatures, vae_config, vae_scale

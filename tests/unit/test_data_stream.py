@@ -26,7 +26,7 @@ def _ids(batch: dict) -> list[int]:
 def test_every_row_once_per_epoch_and_windows_are_shuffled():
     order = WindowOrder([50] * 20, seed=7, window_rows=120)
     seen = []
-    for epoch, w, slots, rows in order.segments(0, 1000):
+    for epoch, w, _slots, rows in order.segments(0, 1000):
         shards = torch.tensor(order.windows(epoch)[0][w])
         seen += (shards[rows // 50] * 50 + rows % 50).tolist()                # window row -> dataset row
     assert sorted(seen) == list(range(1000))                                 # a permutation of the epoch
