@@ -192,7 +192,9 @@ class PartitionStream:
                     segs = order.segments(nimg, batch)
                     for key in [k for k in resident if k < segs[0][:2]]:   # windows behind the cursor
                         del resident[key]
-                    window(*order.next_window(*segs[-1][:2]))             # prefetch
+                    ahead = order.next_window(*segs[-1][:2])
+                    if ahead[0] * order.rows + order.windows(ahead[0])[1][ahead[1]] < end_nimg:
+                        window(*ahead)                                    # read ahead, unless past the end
                     gathered: dict[str, torch.Tensor] = {}
                     for epoch, w, slots, rows in segs:
                         data = window(epoch, w).result()
@@ -214,8 +216,9 @@ class PartitionStream:
                             continue
                     if stop.is_set():
                         return
-            except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
-                q.put(exc)
+            except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer (unless it has left)
+                if not stop.is_set():
+                    q.put(exc)
 
         thread = threading.Thread(target=produce, daemon=True, name="ddm-prefetch")
         thread.start()
@@ -227,7 +230,8 @@ class PartitionStream:
                 yield item
         finally:
             stop.set()
-            reader.shutdown(wait=False, cancel_futures=True)
+            reader.shutdown(wait=True, cancel_futures=True)  # at most one window read still running
+            thread.join()
 
     def _count(self, order: WindowOrder, resident: dict[tuple[int, int], Future]) -> None:
         """Rows held by the resident windows (loaded or being read), for the memory bound's tests."""
