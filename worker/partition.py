@@ -114,7 +114,7 @@ def _assign_all(store: RunStore, ds: DatasetManifest, jobs: list[dict], k: int, 
     flight, so the driver holds a few shards' summaries, never the data) when `parallel` and Ray is up."""
     import ray
 
-    if not parallel or not ray.is_initialized():
+    if not parallel or not ray.is_initialized() or store.protocol == "memory":  # memory://: this process only
         for i, (ref, job) in enumerate(zip(ds.shards, jobs)):
             yield assign_shard(store, ref, i, k, metric, chunk, **job)
         return

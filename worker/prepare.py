@@ -110,7 +110,8 @@ def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: li
 
     R, items = config.data.shard_rows, found.items
     encoder_args = (store, plan, config.data, config.features, config.latents, config.text, pca)
-    if not ray.is_initialized() or len(pending) < 2:  # one shard: actors would only add startup time
+    # One shard: actors would only add start-up time. memory:// lives in this process: only it can write there.
+    if not ray.is_initialized() or len(pending) < 2 or store.protocol == "memory":
         encoder = ShardEncoder(*encoder_args)
         for i in pending:
             yield encoder.write(decode_items(i, i * R, items[i * R:(i + 1) * R], found.fs, config.data))
