@@ -169,11 +169,10 @@ print(json.dumps({"img_s": n / (time.perf_counter() - t0), "rss_mib": resource.g
 
 def latents_case(n: int, work: Path) -> dict:
     from common.config import ModelConfig, TrainingConfig, resolve_config
+    from common.manifests import DatasetManifest
     from common.storage import RunStore
     from worker.partition import cluster_data
     from worker.train import TrainJob
-
-    from common.manifests import DatasetManifest
 
     run = work / f"run-lat{n}"
     store = RunStore(str(run))
