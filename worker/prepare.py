@@ -10,7 +10,7 @@ Ray Data pipeline when Ray is initialised (local mode starts the local Ray for t
                   holding one is rewritten as <i>-dedup), then commits data/dataset.json
 
 Store layout written here (docs/data_plane.md):
-    data/shards/<i:05d>.safetensors   latents [N,C,H,W] bf16 (latents.dtype), features [N,D] f32,
+    data/shards/<i:05d>.safetensors   latents [N,C,H,W] bf16 (latents.store_dtype), features [N,D] f32,
                                       labels [N] i64 (-1 = unlabelled), index [N] i64 (listing
                                       position), thumbs [N,h,w,c] u8, text_pooled [N,Dt] /
                                       text_tokens [N,L,Dt] with a text encoder
@@ -52,9 +52,11 @@ PLAN_SECTIONS = ("seed", "data", "features", "latents", "text")  # what a shard'
 PCA_FIT_ROWS = 8192
 
 
-def plan_id(config: RunConfig, items: list[Item]) -> str:
-    """What decides every shard's bytes: the output-changing config sections and the listing."""
+def plan_id(config: RunConfig, items: list[Item], source_fingerprint: str | None = None) -> str:
+    """What decides every shard's bytes: the output-changing config sections, the items, and the source's
+    content listing (worker/listing.py) when the stage has one, so an edited file changes the plan."""
     h = hashlib.sha256(config.fingerprint(*PLAN_SECTIONS).encode())
+    h.update(f"{source_fingerprint}\n".encode())
     for it in items:
         h.update(f"{it.source}\0{it.path}\0{it.offset}\0{it.size}\0{it.label}\0{it.caption}\n".encode())
         if it.array is not None:  # built-ins: the generated content itself
@@ -189,13 +191,14 @@ def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> tuple[Shar
     return ShardRef(**ref.model_dump(), rows=int(keep.sum())), captions
 
 
-def prepare_data(config: RunConfig, store: RunStore) -> StageResult:
-    """List, decode, encode and write the dataset; returns {discovered, used, quarantined, shards}."""
+def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | None = None) -> StageResult:
+    """Decode, encode and write the dataset; returns {discovered, used, quarantined, shards}.
+    `source_fingerprint`: the content listing's (the pipeline passes the listing it commits)."""
     t0 = time.perf_counter()
     found = discover(config.data, config.seed)
     items, R = found.items, config.data.shard_rows
     listed = time.perf_counter()
-    plan = plan_id(config, items)
+    plan = plan_id(config, items, source_fingerprint)
     kept = kept_parts(store, plan)
     pending = [i for i in range(-(-len(items) // R)) if i not in kept]
     if kept:
