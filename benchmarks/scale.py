@@ -115,7 +115,10 @@ def image_case(n: int, work: Path, s3: bool) -> dict:
     img_s = n / prep["duration_s"]
     return {"case": f"{'s3' if s3 else ''}img{n}", "rows": n, "wall_s": round(wall, 1), "driver_peak_rss_mib": round(rss),
             "prepare_s": prep["duration_s"], "prepare_img_s": round(img_s), "pil_loop_img_s": round(baseline),
-            "prepare_vs_pil": round(img_s / baseline, 2), "cluster_fit_s": clus["details"]["fit_s"],
+            "prepare_vs_pil": round(img_s / baseline, 2), "prepare_first_shard_s": prep["details"]["first_shard_s"],
+            "prepare_steady_img_s": prep["details"]["steady_img_per_s"],
+            "steady_vs_pil": round((prep["details"]["steady_img_per_s"] or 0) / baseline, 2),
+            "cluster_fit_s": clus["details"]["fit_s"],
             "cluster_assign_s": clus["details"]["assign_s"]}
 
 
