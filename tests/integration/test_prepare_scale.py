@@ -38,6 +38,7 @@ def _python(script: str, timeout: float | None = None, **popen) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_prepare_killed_midway_resumes_keeping_committed_shards(tmp_path):
     cfg = digits(400, shard_rows=4)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
@@ -103,6 +104,7 @@ def test_gpu_encoders_are_capped_by_the_gpus_the_cluster_has(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_parallel_assignment_equals_the_sequential_one(ray_session, tmp_path):
     sequential, parallel = RunStore(str(tmp_path / "seq")), RunStore(str(tmp_path / "par"))
     for store, min_rows in ((sequential, 10**9), (parallel, 1)):
