@@ -91,6 +91,7 @@ class PreparedShard(Record):
     stop: int = Field(ge=0)
     data: ShardRef | None = Field(None, description="None when every item of the range was quarantined")
     captions: FileRef | None = None
+    keys: FileRef | None = Field(None, description="data/keys/<i>.jsonl: {index, key} per row")
     used: list[int] = Field(default_factory=list, description="listing position of each row, in row order")
     digests: list[str] = Field(default_factory=list, description="sha256 of each row's source bytes ('' for built-ins)")
     quarantined: list[tuple[int, str]] = Field(default_factory=list, description="(listing position, reason)")

@@ -3,12 +3,18 @@ shards, and cut each expert's own partition (docs/design.md §2, §4; paper §4.
 
 Store layout written here:
     clusters/centroids.safetensors        fine [F,D], coarse [K,D], fine_to_coarse [F], fine_counts [F]
-    clusters/assignments/<i:05d>.safetensors   cluster [N_i] int64, aligned with data shard i
+    clusters/assignments/<i:05d>.safetensors   cluster [N_i] int64, aligned with data shard i (held-out rows
+                                          included: their cluster is the router's target in ddm eval)
+    clusters/router/<k:02d>-<i:05d>.safetensors  cluster [rows] = k, aligned with expert k's shard i
     clusters/report.json, sizes.png, cluster_<k:02d>.png (thumbnail grid per cluster)
     clusters/clusters.json                ClusterManifest (committed after the above)
-    experts/<k:02d>/data/<i:05d>.safetensors   rows of data shard i in cluster k (skipped when none)
+    experts/<k:02d>/data/<i:05d>.safetensors   training rows of data shard i in cluster k (skipped when none);
+                                          `index` maps each row to its source key (data/keys/<i>.jsonl)
     experts/<k:02d>/manifest.json         ExpertManifest, committed after its shards
-    router/manifest.json                  RouterManifest: all data shards + assignments
+    router/manifest.json                  RouterManifest: every expert shard + its constant-cluster file
+
+Held-out rows (data.holdout_fraction, worker.prepare.heldout_mask) are assigned a cluster but enter no
+partition, no router row and no k-means fit sample.
 
 Memory is bounded by one shard plus the fit sample: features are read chunk by chunk
 (`clustering.assign_chunk_rows`) from each shard, and partitions are cut shard by shard.
@@ -39,6 +45,7 @@ from common.keys import ROUTER, expert_prefix, manifest_key
 from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, FileRef, RouterManifest, ShardRef, StageResult
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, prepare, resolve_device
+from worker.prepare import heldout_mask
 
 log = logging.getLogger(__name__)
 GRID_THUMBS = 64
@@ -50,10 +57,28 @@ def _shard_ranges(ds: DatasetManifest) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def training_mask(ds: DatasetManifest, index: np.ndarray) -> np.ndarray:
+    """True for the rows experts and router may train on: every row not held out for evaluation."""
+    hold = ds.extra.get("holdout") or {}
+    if not hold.get("fraction"):
+        return np.ones(len(index), dtype=bool)
+    return ~heldout_mask(index, hold["fraction"], hold["seed"])
+
+
+def _training_positions(store: RunStore, ds: DatasetManifest) -> torch.Tensor:
+    """Dataset positions (shard after shard) of the training rows."""
+    keep = []
+    for ref in ds.shards:
+        with safe_open(store.local_copy(ref), "np") as f:
+            keep.append(training_mask(ds, f.get_tensor("index")))
+    return torch.from_numpy(np.nonzero(np.concatenate(keep))[0])
+
+
 def fit_sample(store: RunStore, ds: DatasetManifest, size: int, seed: int) -> torch.Tensor:
-    """A uniform random sample of feature rows (seeded), read shard by shard."""
-    n = ds.used
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(size, n)].sort().values
+    """A uniform random sample of training feature rows (seeded), read shard by shard."""
+    rows = _training_positions(store, ds)
+    pick = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:min(size, len(rows))]]
+    pick = pick.sort().values
     parts = []
     for ref, (a, b) in zip(ds.shards, _shard_ranges(ds)):
         local = pick[(pick >= a) & (pick < b)] - a
@@ -68,16 +93,20 @@ class ShardAssignment:
     """What assigning one data shard yields: its payloads' refs and small per-cluster summaries."""
     assignment: ShardRef
     experts: list[ShardRef | None]
-    sizes: torch.Tensor                                   # [K]
+    router: list[ShardRef | None]                         # constant-cluster file beside each expert part
+    sizes: torch.Tensor                                   # [K] training rows
+    assigned: torch.Tensor                                # [K] every row, held-out included
     sums: torch.Tensor                                    # [K, D] feature sums (random method only)
     class_counts: list[dict[int, int]]
     thumbs: list[list[np.ndarray]] = field(default_factory=list)
 
 
-def assign_shard(store: RunStore, ref: ShardRef, i: int, k: int, metric: str, chunk: int,
+def assign_shard(store: RunStore, ds: DatasetManifest, i: int, k: int, metric: str, chunk: int,
                  assigner: BalancedAssigner | None = None, cluster: torch.Tensor | None = None) -> ShardAssignment:
     """Assign data shard i (features read `chunk` rows at a time) and write its assignment file and each
-    expert's rows of it. `cluster` is given for the random method, else `assigner` decides."""
+    expert's training rows of it (held-out rows get a cluster, no partition). `cluster` is given for the
+    random method, else `assigner` decides."""
+    ref = ds.shards[i]
     sums = torch.zeros(k, 0, dtype=torch.float64)
     with safe_open(store.local_copy(ref), "pt") as f:
         feats = f.get_slice("features")
@@ -92,15 +121,20 @@ def assign_shard(store: RunStore, ref: ShardRef, i: int, k: int, metric: str, ch
         tensors = {name: f.get_tensor(name) for name in PARTITION_TENSORS if name in f.keys()}
         shard_thumbs = f.get_tensor("thumbs").numpy() if "thumbs" in f.keys() else None
     aref = store.put_payload(f"clusters/assignments/{i:05d}.safetensors", save_safetensors({"cluster": cluster.long()}))
-    out = ShardAssignment(ShardRef(**aref.model_dump(), rows=ref.rows), [None] * k,
-                          torch.bincount(cluster, minlength=k), sums, [{} for _ in range(k)], [[] for _ in range(k)])
+    train = torch.from_numpy(training_mask(ds, tensors["index"].numpy()))
+    out = ShardAssignment(ShardRef(**aref.model_dump(), rows=ref.rows), [None] * k, [None] * k,
+                          torch.bincount(cluster[train], minlength=k), torch.bincount(cluster, minlength=k), sums,
+                          [{} for _ in range(k)], [[] for _ in range(k)])
     for e in range(k):
-        rows = (cluster == e).nonzero()[:, 0]
+        rows = ((cluster == e) & train).nonzero()[:, 0]
         if len(rows) == 0:
             continue
         part = {name: v[rows].contiguous() for name, v in tensors.items()}
         eref = store.put_payload(f"{expert_prefix(e)}/data/{i:05d}.safetensors", save_safetensors(part))
         out.experts[e] = ShardRef(**eref.model_dump(), rows=len(rows))
+        rref = store.put_payload(f"clusters/router/{e:02d}-{i:05d}.safetensors",
+                                 save_safetensors({"cluster": torch.full((len(rows),), e, dtype=torch.long)}))
+        out.router[e] = ShardRef(**rref.model_dump(), rows=len(rows))
         labels, counts = part["labels"].unique(return_counts=True)
         out.class_counts[e] = {int(la): int(c) for la, c in zip(labels.tolist(), counts.tolist()) if la >= 0}
         if shard_thumbs is not None:
@@ -115,8 +149,8 @@ def _assign_all(store: RunStore, ds: DatasetManifest, jobs: list[dict], k: int, 
     import ray
 
     if not parallel or not ray.is_initialized() or store.protocol == "memory":  # memory://: this process only
-        for i, (ref, job) in enumerate(zip(ds.shards, jobs)):
-            yield assign_shard(store, ref, i, k, metric, chunk, **job)
+        for i, job in enumerate(jobs):
+            yield assign_shard(store, ds, i, k, metric, chunk, **job)
         return
     task = ray.remote(num_cpus=1)(assign_shard)
     assigner = ray.put(jobs[0]["assigner"])
@@ -125,7 +159,7 @@ def _assign_all(store: RunStore, ds: DatasetManifest, jobs: list[dict], k: int, 
     for i in range(len(ds.shards)):
         while len(futures) < window and i + len(futures) < len(ds.shards):
             j = i + len(futures)
-            futures[j] = task.remote(store, ds.shards[j], j, k, metric, chunk, assigner)
+            futures[j] = task.remote(store, ds, j, k, metric, chunk, assigner)
         yield ray.get(futures.pop(i))
 
 
@@ -182,32 +216,39 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     ds = store.read_record("data/dataset.json", DatasetManifest)
     if ds is None:
         raise FileNotFoundError(f"{store.url}/data/dataset.json: not committed; run the prepare stage first")
-    n = ds.used
+    n = ds.used - int((ds.extra.get("holdout") or {}).get("rows", 0))  # training rows
     if k > n:
-        raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared rows")
+        raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared training rows")
     _clear(store)
     device = resolve_device(cc.device)
     details: dict[str, Any] = {}
     t0 = time.perf_counter()
     if cc.method == "random":
-        # Ablation baseline: a seeded permutation dealt round-robin, so sizes differ by at most one.
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % k
+        # Ablation baseline: a seeded permutation dealt round-robin. Training rows are dealt first, so
+        # their sizes differ by at most one; held-out rows get a draw too.
+        gen = torch.Generator().manual_seed(config.seed)
+        perm = torch.randperm(ds.used, generator=gen) % k
+        train_pos = _training_positions(store, ds)
+        perm[train_pos] = torch.randperm(len(train_pos), generator=gen) % k
         fine = coarse = None
     else:
         sample = fit_sample(store, ds, cc.fit_sample, config.seed).to(device)
         model = fit_two_stage(sample, cc.num_fine_centroids, k, cc.iterations, cc.metric, config.seed)
         fine, coarse = model.fine, model.coarse
-        cap = balanced_capacity(n, k, cc.max_cluster_fraction) if cc.balanced else None
+        # Capacity over every row: held-out rows are assigned a cluster too (they train nothing).
+        cap = balanced_capacity(ds.used, k, cc.max_cluster_fraction) if cc.balanced else None
         assign = BalancedAssigner(coarse if cap else coarse.cpu(), cc.metric, cap)  # Ray tasks get CPU centroids
         details = {"fit_rows": len(sample), "num_fine": len(fine), "inertia_fine": model.inertia_fine,
                    "inertia_coarse": model.inertia_coarse, "capacity": cap}
 
     sums = torch.zeros(k, ds.feature_dim, dtype=torch.float64)
     sizes = torch.zeros(k, dtype=torch.long)
+    assigned = torch.zeros(k, dtype=torch.long)  # every row, held-out included (random centroids)
     class_counts: list[dict[int, int]] = [{} for _ in range(k)]
     thumbs: list[list[np.ndarray]] = [[] for _ in range(k)]
     assignment_refs: list[ShardRef] = []
     expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
+    router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
     ranges = _shard_ranges(ds)
     if cc.method == "random":
         jobs = [dict(cluster=perm[a:b].clone()) for a, b in ranges]
@@ -217,12 +258,14 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     t1 = time.perf_counter()
     for part in _assign_all(store, ds, jobs, k, cc.metric, cc.assign_chunk_rows, parallel):
         sizes += part.sizes
+        assigned += part.assigned
         if part.sums.numel():
             sums += part.sums
         assignment_refs.append(part.assignment)
         for e in range(k):
             if part.experts[e] is not None:
                 expert_refs[e].append(part.experts[e])
+                router_refs[e].append(part.router[e])
             for label, count in part.class_counts[e].items():
                 class_counts[e][label] = class_counts[e].get(label, 0) + count
             thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(thumbs[e])])
@@ -235,7 +278,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         raise ConfigError(f"clustering.num_experts = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
                          "lower clustering.num_experts or set clustering.balanced=true")
     if coarse is None:  # random: centroids are the clusters' feature means, for the report and router
-        coarse = (sums / sizes[:, None]).float()
+        coarse = (sums / assigned[:, None]).float()
         coarse = prepare(coarse, cc.metric)
         fine = coarse
     f2c = torch.arange(k) if cc.method == "random" else model.fine_to_coarse
@@ -262,7 +305,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
             text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
     store.commit("router/manifest.json", RouterManifest(
         num_experts=k, rows=n, latent_shape=ds.latent_shape, num_classes=ds.num_classes, text_dim=ds.text_dim,
-        shards=ds.shards, assignments=assignment_refs))
+        shards=[r for refs in expert_refs for r in refs], assignments=[r for refs in router_refs for r in refs]))
     log.info("cluster: %s K=%d sizes %s (label purity %.2f)", cc.method, k, size_list, purity)
     outputs = [centroids, report_ref, *images] + [FileRef(path=r.path, sha256=r.sha256, size=r.size)
                                                  for r in assignment_refs]

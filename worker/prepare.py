@@ -15,6 +15,9 @@ Store layout written here (docs/data_plane.md):
                                       position), thumbs [N,h,w,c] u8, text_pooled [N,Dt] /
                                       text_tokens [N,L,Dt] with a text encoder
     data/captions/<i:05d>.jsonl       {"index", "caption"} per row, when data.captions
+    data/keys/<i:05d>.jsonl           {"index", "key"} per row: the source key (relative path, shard:member or
+                                      builtin#i), so every partition row traces back to its file
+    data/holdout/<i:05d>.safetensors  the held-out rows of shard i (data.holdout_fraction; heldout_mask)
     data/parts/<i:05d>.json           PreparedShard: the worker's record of shard i
     data/quarantine.jsonl             {"source", "reason"} per item not used (always written)
     data/dataset.json                 DatasetManifest, committed LAST
@@ -148,17 +151,20 @@ def kept_parts(store: RunStore, plan: str) -> dict[int, PreparedShard]:
     if not kept:
         store.delete("data")
         return kept
-    keep = {part_key(i) for i in kept} | {r.path for p in kept.values() for r in (p.data, p.captions) if r}
+    keep = {part_key(i) for i in kept} | {r.path for p in kept.values() for r in (p.data, p.captions, p.keys) if r}
     for key in store.list("data"):
         if key not in keep and "-dedup." not in key:  # dedup rewrites are reproduced byte for byte
             store.delete(key)
     return kept
 
 
+Final = tuple[ShardRef, FileRef | None, FileRef | None]  # a shard's data, captions and keys sidecars
+
+
 def drop_duplicates(config: RunConfig, store: RunStore, parts: list[PreparedShard], items: list[Item]
-                    ) -> tuple[list[tuple[ShardRef, FileRef | None]], list[tuple[int, str]]]:
+                    ) -> tuple[list[Final], list[tuple[int, str]]]:
     """First occurrence in listing order wins (data.duplicate_policy = quarantine). Returns each shard's
-    final (data, captions) and the (position, reason) of every item not used."""
+    final (data, captions, keys) and the (position, reason) of every item not used."""
     first: dict[str, int] = {}
     out, quarantined = [], []
     for part in parts:
@@ -172,23 +178,56 @@ def drop_duplicates(config: RunConfig, store: RunStore, parts: list[PreparedShar
                 first.setdefault(digest, pos)
         if part.data is None or len(drop) == part.data.rows:
             continue
-        out.append((part.data, part.captions) if not drop else _rewrite(store, part, drop))
+        out.append((part.data, part.captions, part.keys) if not drop else _rewrite(store, part, drop))
     return out, sorted(quarantined)
 
 
-def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> tuple[ShardRef, FileRef | None]:
-    """Shard `part` without the rows at listing positions `drop`, as data/shards/<i>-dedup (rare)."""
+def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> Final:
+    """Shard `part` (and its sidecars) without the rows at listing positions `drop`, as <i>-dedup (rare)."""
     assert part.data is not None
     tensors = st_load(store.get_payload(part.data))
     keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
     tensors = {k: v[keep].contiguous() for k, v in tensors.items()}
     ref = store.put_payload(f"data/shards/{part.shard:05d}-dedup.safetensors", st_save(tensors))
-    captions = None
-    if part.captions is not None:
-        lines = [ln for ln in store.get_payload(part.captions).decode().splitlines(True)
-                 if json.loads(ln)["index"] not in drop]
-        captions = store.put_payload(f"data/captions/{part.shard:05d}-dedup.jsonl", "".join(lines).encode())
-    return ShardRef(**ref.model_dump(), rows=int(keep.sum())), captions
+
+    def sidecar(src: FileRef | None, folder: str) -> FileRef | None:
+        if src is None:
+            return None
+        lines = [ln for ln in store.get_payload(src).decode().splitlines(True) if json.loads(ln)["index"] not in drop]
+        return store.put_payload(f"data/{folder}/{part.shard:05d}-dedup.jsonl", "".join(lines).encode())
+
+    return ShardRef(**ref.model_dump(), rows=int(keep.sum())), sidecar(part.captions, "captions"), sidecar(part.keys, "keys")
+
+
+# ---- held-out evaluation split (self-contained: a row's membership depends on its index alone) ----------
+def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the rows held out for evaluation: a seeded splitmix64 hash of the global row index,
+    mapped to [0, 1), below `fraction`. Decided row by row, so any order or parallelism agrees."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as the hash intends
+        x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def write_holdout(store: RunStore, shards: list[ShardRef], fraction: float, seed: int) -> dict[str, Any]:
+    """Copy the held-out rows of each data shard to data/holdout/<i>.safetensors (all tensors), one shard
+    at a time. The cluster stage skips the same rows (heldout_mask), so no expert, router or k-means fit
+    sees them."""
+    refs, rows = [], 0
+    for i, ref in enumerate(shards):
+        if not fraction:
+            break
+        tensors = st_load(store.get_payload(ref))
+        mask = torch.from_numpy(heldout_mask(tensors["index"].numpy(), fraction, seed))
+        if mask.any():
+            part = {k: v[mask].contiguous() for k, v in tensors.items()}
+            out = store.put_payload(f"data/holdout/{i:05d}.safetensors", st_save(part))
+            refs.append(ShardRef(**out.model_dump(), rows=int(mask.sum())).model_dump())
+            rows += int(mask.sum())
+    return {"fraction": fraction, "seed": seed, "rows": rows, "shards": refs,
+            "rule": "worker.prepare.heldout_mask(index, fraction, seed)"}
 
 
 def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | None = None) -> StageResult:
@@ -216,7 +255,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
 
     quarantine = [QuarantineEntry(source=items[pos].source, reason=reason) for pos, reason in quarantined]
     qref = store.put_payload("data/quarantine.jsonl", "".join(q.model_dump_json() + "\n" for q in quarantine).encode())
-    used = sum(s.rows for s, _ in shards)
+    used = sum(s.rows for s, _, _ in shards)
     if len(items) != used + len(quarantine):
         raise AssertionError(f"prepare: discovered {len(items)} != used {used} + quarantined {len(quarantine)}")
     if used == 0:
@@ -229,7 +268,9 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     if pca_info:
         extra["pca"] = pca_info
     if config.data.captions:
-        extra["captions"] = [c.model_dump() for _, c in shards if c is not None]
+        extra["captions"] = [c.model_dump() for _, c, _ in shards if c is not None]
+    extra["keys"] = [k.model_dump() for _, _, k in shards if k is not None]
+    extra["holdout"] = write_holdout(store, [s for s, _, _ in shards], config.data.holdout_fraction, config.seed)
     shape = next(p.shapes for p in ordered if p.shapes)
     labels_known = config.data.label_source != "none"
     manifest = DatasetManifest(
@@ -237,7 +278,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
         latent_shape=shape["latents"], feature_dim=shape["features"][0],
         num_classes=found.num_classes if labels_known else None,
         text_dim=shape["text_pooled"][0] if "text_pooled" in shape else None, latent_scale=scale,
-        latent_dtype=config.latents.store_dtype, shards=[s for s, _ in shards], quarantine=qref, extra=extra)
+        latent_dtype=config.latents.store_dtype, shards=[s for s, _, _ in shards], quarantine=qref, extra=extra)
     store.commit("data/dataset.json", manifest)
     kinds: dict[str, int] = {}
     for q in quarantine:
@@ -245,7 +286,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     log.info("prepare: %d discovered = %d used + %d quarantined %s", len(items), used, len(quarantine), kinds)
     return StageResult(
         counts={"discovered": len(items), "used": used, "quarantined": len(quarantine), "shards": len(shards)},
-        outputs=[FileRef(path=s.path, sha256=s.sha256, size=s.size) for s, _ in shards] + [qref],
+        outputs=[FileRef(path=s.path, sha256=s.sha256, size=s.size) for s, _, _ in shards] + [qref],
         details={"quarantine_reasons": kinds, "latent_shape": shape["latents"], "feature_dim": shape["features"][0],
                  "encode_processes": sorted({p.encoder_pid for p in parts.values() if p.shard in pending}),
                  "resumed_shards": len(kept), "listing_s": round(listed - t0, 3),

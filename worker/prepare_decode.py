@@ -26,6 +26,7 @@ class DecodedShard:
     pixels: np.ndarray                                   # [n, C, H, W] float32 in [-1, 1]
     labels: np.ndarray                                   # [n] int64
     captions: list[str | None] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)     # used rows' source keys (data/keys/<i>.jsonl)
 
     @property
     def used(self) -> list[int]:
@@ -35,7 +36,7 @@ class DecodedShard:
 def decode_items(shard: int, start: int, items: list[Item], fs: Any, data: DataConfig) -> DecodedShard:
     """Read and decode one range; a bad item is reported with its reason, never raised."""
     reasons: list[str | None] = []
-    digests, pixels, captions, labels = [], [], [], []
+    digests, pixels, captions, labels, sources = [], [], [], [], []
     for item in items:
         try:
             if item.array is not None:
@@ -59,10 +60,11 @@ def decode_items(shard: int, start: int, items: list[Item], fs: Any, data: DataC
         pixels.append(np.asarray(x, dtype=np.float32))
         captions.append(caption)
         labels.append(item.label)
+        sources.append(item.source)
     shape = (0, data.channels, data.image_size, data.image_size)
     return DecodedShard(shard, start, start + len(items), reasons, digests,
                         np.stack(pixels) if pixels else np.zeros(shape, np.float32),
-                        np.asarray(labels, dtype=np.int64), captions)
+                        np.asarray(labels, dtype=np.int64), captions, sources)
 
 
 def decode_batch(batch: dict[str, np.ndarray], fs: Any, data: DataConfig) -> dict[str, np.ndarray]:

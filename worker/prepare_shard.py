@@ -78,6 +78,8 @@ class ShardEncoder:
             record.shapes = {k: list(v.shape[1:]) for k, v in arrays.items()}
             ref = self.store.put_payload(f"data/shards/{i:05d}.safetensors", st_save(arrays))
             record.data = ShardRef(**ref.model_dump(), rows=len(decoded.used))
+            keys = "".join(json.dumps({"index": j, "key": k}) + "\n" for j, k in zip(decoded.used, decoded.sources))
+            record.keys = self.store.put_payload(f"data/keys/{i:05d}.jsonl", keys.encode())
             if self.data.captions:
                 lines = "".join(json.dumps({"index": j, "caption": c}) + "\n" for j, c in zip(decoded.used, decoded.captions))
                 record.captions = self.store.put_payload(f"data/captions/{i:05d}.jsonl", lines.encode())
