@@ -17,9 +17,9 @@ import time
 from collections import defaultdict
 
 from common.config import resolve_config
+from common.keys import job_prefix
 from common.manifests import StageRecord
 from common.storage import RunStore
-from common.keys import job_prefix
 
 
 def loop_seconds(store: RunStore, prefix: str) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from common.errors import UsageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import UsageError
 
 # Known sizes of the built-in sources, so that cross-field checks can run before any data is read
 # (builtin:gmm and builtin:shapes generate data.gmm_items rows; see `known_dataset_size`).
@@ -150,7 +151,7 @@ class ModelConfig(Strict):
         return dims
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
+    def _heads_divide_width(self) -> ModelConfig:
         width, heads = self.dims()["width"], self.dims()["heads"]
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -225,7 +226,7 @@ class IslandsConfig(Strict):
     simulate: bool = Field(True, description="Local mode: give the local Ray node the islands' custom resources.")
 
     @model_validator(mode="after")
-    def _names_unique(self) -> "IslandsConfig":
+    def _names_unique(self) -> IslandsConfig:
         names = [i.name for i in self.pool]
         if not names:
             raise ValueError("at least one island is required")
@@ -328,7 +329,7 @@ class RunConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
+    def _cross_checks(self) -> RunConfig:
         k = self.clustering.num_experts
         size = self.known_dataset_size()
         if size is not None and k > size:

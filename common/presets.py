@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from common.config import (ClusteringConfig, DataConfig, FeaturesConfig, IslandConfig, IslandsConfig,
-                           LatentsConfig, ModelConfig, RouterConfig, RunConfig, SamplingConfig, TextConfig,
-                           TrainingConfig)
+from common.config import (
+    ClusteringConfig,
+    DataConfig,
+    FeaturesConfig,
+    IslandConfig,
+    IslandsConfig,
+    LatentsConfig,
+    ModelConfig,
+    RouterConfig,
+    RunConfig,
+    SamplingConfig,
+    TextConfig,
+    TrainingConfig,
+)
 
 
 def _two_local_islands() -> IslandsConfig:

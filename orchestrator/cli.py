@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from common.config import resolve_config, to_yaml
 from common.errors import EXIT_FAILURE, DDMError, UsageError

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Protocol, Union
+from typing import Protocol
 
 from orchestrator.islands import Placement
 
@@ -62,7 +63,7 @@ class Crashed:
     error: str
 
 
-Event = Union[Progress, Finished, Crashed]
+Event = Progress | Finished | Crashed
 
 
 # ---- decisions: what the controller does ------------------------------------------------------------
@@ -79,7 +80,7 @@ class GiveUp:
     error: str
 
 
-Decision = Union[Launch, GiveUp]
+Decision = Launch | GiveUp
 
 
 class WorkerGroup(Protocol):

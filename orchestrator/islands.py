@@ -13,12 +13,12 @@ eligible island is the one named.
 
 from __future__ import annotations
 
-from common.keys import ROUTER, job_name
-
 import math
 from dataclasses import dataclass
 
 from common.config import IslandConfig, ModelConfig, RunConfig
+from common.keys import ROUTER, job_name
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -10,16 +10,16 @@ sampler and evaluator.
 
 from __future__ import annotations
 
-from common.keys import ROUTER, STUDENT, expert_prefix
-
 import html
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
+
+from common.keys import ROUTER, STUDENT, expert_prefix
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402

@@ -7,20 +7,20 @@ The job driver gets RAY_ADDRESS from Ray, so `ddm run` inside it joins the clust
 
 from __future__ import annotations
 
-from common.errors import DDMError
-
 import argparse
 import asyncio
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from common.config import load_yaml_mapping, resolve_config
+from common.errors import DDMError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: run stores, VCS data, caches and build outputs (the upload limit is ~500 MiB).

@@ -93,8 +93,7 @@ def tiny_models(tmp_path_factory):
     """DINOv2, AutoencoderKL (scale 0.5, shift 0.1) and CLIP text + tokenizer, built from configs."""
     import torch
     from diffusers import AutoencoderKL
-    from transformers import (BitImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config,
-                              Dinov2Model)
+    from transformers import BitImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     root = tmp_path_factory.mktemp("models")

@@ -12,13 +12,13 @@ argmax x.c. The "score" below is that maximised quantity.
 
 from __future__ import annotations
 
-from common.config import ConfigError
-
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from common.config import ConfigError
 
 Metric = str  # "cosine" | "euclidean"
 

@@ -9,17 +9,16 @@ like an expert (`student/export.json`) and samples as a one-member ensemble.
 
 from __future__ import annotations
 
-from common.keys import export_key
-
 import copy
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import RunConfig
+from common.keys import export_key
 from common.manifests import EnsembleManifest, EnsembleMember, ExportRecord
 from common.storage import RunStore
 from worker.checkpoint import model_from_refs, save_export
@@ -44,12 +43,13 @@ class DistillConfig(BaseModel):
     seed: int = 0
 
 
-def distill(config: RunConfig, store: RunStore, dc: DistillConfig = DistillConfig(),
+def distill(config: RunConfig, store: RunStore, dc: DistillConfig | None = None,
             log: Callable[[str], None] = lambda s: None, device: str | torch.device = "auto") -> ExportRecord:
     """Train the student against the gathered experts and commit `student/export.json`.
 
     Every random draw is made on the CPU from (seed, nimg), so the student is the same on any device up
     to kernel numerics; the teacher and the student run on `device` ("auto": CUDA when visible)."""
+    dc = dc or DistillConfig()
     tc = config.training
     end, batch, lr = dc.duration_nimg or config.expert_nimg, dc.batch or tc.global_batch, dc.lr or tc.lr
     device = resolve_device(device) if isinstance(device, str) else device

@@ -15,15 +15,13 @@ process (the idempotency test reads it; Ray workers count in their own processes
 
 from __future__ import annotations
 
-from common.config import ConfigError
-
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import FeaturesConfig, LatentsConfig, TextConfig
+from common.config import ConfigError, FeaturesConfig, LatentsConfig, TextConfig
 from worker.devices import autocast, configure_numerics, resolve_device
 
 ENCODE_CALLS = 0

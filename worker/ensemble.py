@@ -8,8 +8,9 @@ relative keys plus its own `ensemble.json`, so a folder loads exactly like a run
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,7 +102,7 @@ class Ensemble:
     @classmethod
     def load(cls, uri_or_store: str | RunStore, storage: StorageConfig | None = None,
              device: str | torch.device = "auto", key: str = "ensemble.json",
-             allow_external_models: bool = False) -> "Ensemble":
+             allow_external_models: bool = False) -> Ensemble:
         """Experts and router from `key` in a run store or an exported folder, on `device` ("auto": CUDA
         when visible, else CPU; "cpu", "cuda" or a torch.device).
 

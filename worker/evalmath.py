@@ -28,7 +28,7 @@ class GMM:
     stds: Tensor     # [K]
 
     @classmethod
-    def from_extra(cls, extra: dict) -> "GMM":
+    def from_extra(cls, extra: dict) -> GMM:
         g = extra["gmm"]
         return cls(torch.tensor(g["weights"], dtype=torch.float64), torch.tensor(g["means"], dtype=torch.float64),
                    torch.tensor(g["stds"], dtype=torch.float64))

@@ -6,7 +6,8 @@ ordinary loss below on its own cluster only; the router supplies p(k | x_t, t) a
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
-from common.keys import ROUTER, expert_prefix, export_key
-
-from common.errors import DDMError
-
 from datetime import datetime, timezone
 
 from common.config import RunConfig
-from common.manifests import (ClusterManifest, DatasetManifest, EnsembleManifest, EnsembleMember, ExpertManifest,
-                              ExportRecord, FileRef, StageResult)
+from common.errors import DDMError
+from common.keys import ROUTER, expert_prefix, export_key
+from common.manifests import (
+    ClusterManifest,
+    DatasetManifest,
+    EnsembleManifest,
+    EnsembleMember,
+    ExpertManifest,
+    ExportRecord,
+    FileRef,
+    StageResult,
+)
 from common.storage import RunStore
 
 

@@ -27,7 +27,8 @@ is bit-identical to the general weighted path.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError

@@ -5,15 +5,14 @@ large sources; workers read and decode items later (worker/decode.py). Built-in 
 their arrays directly ([C, H, W] float32 in [-1, 1]).
 
 Labels (`data.label_source`): `folder` = the top-level folder under the source, as in ImageFolder
-(sorted names -> 0..n-1; deeper nesting stays in that class; files at the root get -1); `file` = `labels.jsonl` ({"key": ..., "label": ...}) or `labels.csv` (key,label), keyed by
+(sorted names -> 0..n-1; deeper nesting stays in that class; files at the root get -1); `file` =
+`labels.jsonl` ({"key": ..., "label": ...}) or `labels.csv` (key,label), keyed by
 the path relative to the source with or without extension (tar shards: the sample key);
 `builtin` = the source's own labels (built-ins; the class folder for image folders, the `.cls` or
 `.json` "label" for tar shards); `none` = -1 everywhere.
 """
 
 from __future__ import annotations
-
-from common.errors import UsageError
 
 import csv
 import io
@@ -27,6 +26,7 @@ import fsspec
 import numpy as np
 
 from common.config import DataConfig
+from common.errors import UsageError
 from worker.decode import IMAGE_EXTENSIONS, resize_array
 
 BUILTINS = ("builtin:digits", "builtin:shapes", "builtin:gmm")

@@ -9,9 +9,9 @@ averaged back into the fp32 `.grad`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -9,8 +9,6 @@ checkpoint is bit-identical on CPU, and W workers reproduce one worker up to flo
 
 from __future__ import annotations
 
-from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_key
-
 import argparse
 import copy
 import functools
@@ -19,13 +17,15 @@ import json
 import logging
 import sys
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.config import IslandConfig, ModelConfig, RunConfig, TrainingConfig
+from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_key
 from common.manifests import ExpertManifest, ExportRecord, RouterManifest
 from common.storage import RunStore, ScopedStore, open_store
 from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export
@@ -61,7 +61,7 @@ class TrainJob(BaseModel):
     num_experts: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _batch_splits(self) -> "TrainJob":
+    def _batch_splits(self) -> TrainJob:
         if self.batch % (self.micro_batch * self.num_workers):
             raise ValueError(f"job {self.name}: batch {self.batch} is not a multiple of micro_batch "
                              f"{self.micro_batch} x {self.num_workers} workers")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from common.config import RunConfig
-from common.manifests import (ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest, RunRecord, ShardRef)
+from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, RouterManifest, RunRecord, ShardRef
 from common.presets import digits, gmm
 from common.storage import RunStore
 from worker.checkpoint import save_export

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import uuid
 
 import numpy as np
+import pytest
 import torch
 
 import worker.encoders as enc

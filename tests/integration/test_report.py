@@ -132,7 +132,7 @@ def test_report_runs_a_quick_evaluation_with_progress(trained_digits, tmp_path, 
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     err = capsys.readouterr().err
     assert "report: evaluating 3 strategies x 40 samples (quick; --full for eval.num_samples = 40)" in err
-    assert re.search(r"report: \[\s*\d+s\] sampling 40 with top1", err), err
+    assert re.search(r"report: \[\s*\d+s\] sampling 40 x \d+ seeds with top1", err), err
     # This run sets eval.num_samples = 40, under QUICK_SAMPLES.
     assert json.loads(store.read_bytes("eval/results.json"))["num_samples"] == 40
 

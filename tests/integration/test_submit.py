@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.submit import build_entrypoint, submit
+from orchestrator.submit import build_entrypoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,8 @@ def ray_head():
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--metrics-export-port={_free_port()}", "--num-cpus=2",
-           '--resources={"island-a": 2, "island-b": 2}',  # the gmm preset's islands, as a cluster's nodes carry them f"--object-store-memory={150 * 2**20}",
+           '--resources={"island-a": 2, "island-b": 2}',  # the gmm preset's islands, as a cluster's nodes carry them
+           f"--object-store-memory={150 * 2**20}",
            f"--temp-dir={temp}", "--disable-usage-stats"]
     log = open(f"{temp}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(RAY_AUTH_MODE="token"),

@@ -139,7 +139,7 @@ def test_empty_cluster_is_refused_with_the_sizes(tmp_path):
         (tmp_path / "src" / f"{i}.png").write_bytes(png(gradient(seed=0)))
     cfg = RunConfig.model_validate({
         "data": {"source": str(tmp_path / "src"), "image_size": 8, "channels": 1, "duplicate_policy": "keep",
-                 "label_source": "none"},
+                 "label_source": "none", "holdout_fraction": 0},
         "clustering": {"num_experts": 2}, "training": {"global_batch": 8}})
     store = RunStore(str(tmp_path / "run"))
     prepare_data(cfg, store)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.controller import (Crashed, Finished, GiveUp, JobStatus, Launch, Progress, TrainController)
+from orchestrator.controller import Crashed, Finished, GiveUp, JobStatus, Launch, Progress, TrainController
 from orchestrator.islands import Placement
 
 

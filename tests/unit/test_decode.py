@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
@@ -16,7 +17,6 @@ from common.manifests import DatasetManifest
 from common.storage import RunStore
 from worker.decode import Quarantined, decode_caption, decode_image
 from worker.prepare import prepare_data
-import torch
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.evalmath import (GMM, frechet_distance, mmd_rbf, mode_coverage, sliced_wasserstein,
-                             train_digit_classifier)
+from worker.evalmath import GMM, frechet_distance, mmd_rbf, mode_coverage, sliced_wasserstein, train_digit_classifier
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.flow import sample as integrate
-from worker.sampler import (EnsembleVelocity, SamplerError, expert_weights, guided, mixture_velocity, posterior)
+from worker.sampler import EnsembleVelocity, SamplerError, expert_weights, guided, mixture_velocity, posterior
 
 K, B, SHAPE = 3, 12, (1, 2, 2)
 

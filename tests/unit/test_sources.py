@@ -10,6 +10,7 @@ import uuid
 import fsspec
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load as load_safetensors
 from sklearn.datasets import load_digits
 
@@ -19,7 +20,6 @@ from common.storage import RunStore
 from tests.unit.test_decode import gradient, jpeg, png
 from worker.prepare import prepare_data
 from worker.sources import SourceError, discover, gmm_parameters
-import torch
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 

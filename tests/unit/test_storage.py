@@ -49,7 +49,7 @@ def test_corrupted_payload_is_detected(store_url: str, damage: str) -> None:
 def test_manifest_with_unsafe_path_is_refused(store_url: str, path: str) -> None:
     store = RunStore(store_url)
     raw = ('{"schema_version": 1, "expert": 0, "num_experts": 1, "rows": 1, "latent_shape": [1, 2, 2], '
-           '"shards": [{"path": "%s", "sha256": "%s", "size": 1, "rows": 1}]}' % (path, "0" * 64))
+           f'"shards": [{{"path": "{path}", "sha256": "{"0" * 64}", "size": 1, "rows": 1}}]}}')
     store.write_bytes("experts/00/manifest.json", raw.encode())
     with pytest.raises(ManifestError, match="experts/00/manifest.json"):
         store.read_record("experts/00/manifest.json", ExpertManifest)
@@ -140,9 +140,8 @@ def test_transient_errors_are_retried(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_secret_never_stored_or_logged(s3_endpoint: str, caplog, capfd) -> None:
-    from tests.conftest import S3_SECRET
-
     from common.config import resolve_config
+    from tests.conftest import S3_SECRET
 
     config = resolve_config("digits", overrides=["run_uri=s3://ddm-test/secret-check"])
     store = RunStore(config.run_uri, config.storage)

@@ -162,7 +162,8 @@ class DiTTrunk(nn.Module):
             raise ConfigError("model.conditioning = 'text' needs text_dim (the data has no text embeddings)")
         self.conditioning, self.num_classes = conditioning, num_classes
         self.patch = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos", sincos_pos_embed_2d(width, H // patch_size, W // patch_size)[None].to(self.patch.weight.device), persistent=False)
+        pos = sincos_pos_embed_2d(width, H // patch_size, W // patch_size)[None]       # [1, T, D]
+        self.register_buffer("pos", pos.to(self.patch.weight.device), persistent=False)
         self.t_embed = TimestepEmbedder(width)
         if conditioning == "class":  # one extra row: the null class used by CFG and label dropout
             self.y_embed = nn.Embedding(num_classes + 1, width)
