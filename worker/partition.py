@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +210,54 @@ def _histogram(sizes: list[int], title: str) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class MethodPlan:
+    """How one clustering method assigns each data shard's rows, and the centroids it ends with."""
+    jobs: list[dict]                      # per data shard: assign_shard's method arguments
+    parallel: bool                        # whether shards may be assigned as Ray tasks
+    details: dict[str, Any]
+    # (training sizes [K], rows assigned [K], feature sums [K, D]) -> fine, coarse, fine_to_coarse, fine_counts
+    centroids: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def random_plan(config: RunConfig, store: RunStore, ds: DatasetManifest, n: int) -> MethodPlan:
+    """Ablation baseline: a seeded permutation dealt round-robin. Training rows are dealt first, so their
+    sizes differ by at most one; held-out rows get a draw too. The clusters' feature means stand in for
+    centroids (the report and the router's picture of them)."""
+    k, metric = config.clustering.num_experts, config.clustering.metric
+    gen = torch.Generator().manual_seed(config.seed)
+    perm = torch.randperm(ds.used, generator=gen) % k
+    train_pos = _training_positions(store, ds)
+    perm[train_pos] = torch.randperm(len(train_pos), generator=gen) % k
+
+    def centroids(sizes: torch.Tensor, assigned: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+        coarse = prepare((sums / assigned[:, None]).float(), metric)
+        return {"fine": coarse, "coarse": coarse, "fine_to_coarse": torch.arange(k), "fine_counts": sizes}
+
+    return MethodPlan([dict(cluster=perm[a:b].clone()) for a, b in _shard_ranges(ds)], False, {}, centroids)
+
+
+def kmeans2_plan(config: RunConfig, store: RunStore, ds: DatasetManifest, n: int) -> MethodPlan:
+    """Two-stage k-means fitted on a bounded sample of training rows; every row goes to its nearest coarse
+    centroid (under a size cap when balanced). Capacity counts every row: held-out rows are assigned a
+    cluster too (they train nothing)."""
+    cc, k = config.clustering, config.clustering.num_experts
+    sample = fit_sample(store, ds, cc.fit_sample, config.seed).to(resolve_device(cc.device))
+    model = fit_two_stage(sample, cc.num_fine_centroids, k, cc.iterations, cc.metric, config.seed)
+    cap = balanced_capacity(ds.used, k, cc.max_cluster_fraction) if cc.balanced else None
+    assign = BalancedAssigner(model.coarse if cap else model.coarse.cpu(), cc.metric, cap)  # Ray tasks get CPU centroids
+    details = {"fit_rows": len(sample), "num_fine": len(model.fine), "inertia_fine": model.inertia_fine,
+               "inertia_coarse": model.inertia_coarse, "capacity": cap}
+    parallel = not cc.balanced and n >= cc.parallel_min_rows  # a size cap must be applied in shard order
+    tensors = {"fine": model.fine, "coarse": model.coarse, "fine_to_coarse": model.fine_to_coarse,
+               "fine_counts": model.fine_counts}
+    return MethodPlan([dict(assigner=assign) for _ in _shard_ranges(ds)], parallel, details, lambda *_: tensors)
+
+
+METHODS: dict[str, Callable[[RunConfig, RunStore, DatasetManifest, int], MethodPlan]] = {
+    "random": random_plan, "kmeans2": kmeans2_plan}
+
+
 def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     """Cluster the prepared dataset into K partitions and write every expert's data and manifest."""
     cc, k = config.clustering, config.clustering.num_experts
@@ -220,43 +268,19 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     if k > n:
         raise ConfigError(f"clustering.num_experts = {k} exceeds the {n} prepared training rows")
     _clear(store)
-    device = resolve_device(cc.device)
-    details: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if cc.method == "random":
-        # Ablation baseline: a seeded permutation dealt round-robin. Training rows are dealt first, so
-        # their sizes differ by at most one; held-out rows get a draw too.
-        gen = torch.Generator().manual_seed(config.seed)
-        perm = torch.randperm(ds.used, generator=gen) % k
-        train_pos = _training_positions(store, ds)
-        perm[train_pos] = torch.randperm(len(train_pos), generator=gen) % k
-        fine = coarse = None
-    else:
-        sample = fit_sample(store, ds, cc.fit_sample, config.seed).to(device)
-        model = fit_two_stage(sample, cc.num_fine_centroids, k, cc.iterations, cc.metric, config.seed)
-        fine, coarse = model.fine, model.coarse
-        # Capacity over every row: held-out rows are assigned a cluster too (they train nothing).
-        cap = balanced_capacity(ds.used, k, cc.max_cluster_fraction) if cc.balanced else None
-        assign = BalancedAssigner(coarse if cap else coarse.cpu(), cc.metric, cap)  # Ray tasks get CPU centroids
-        details = {"fit_rows": len(sample), "num_fine": len(fine), "inertia_fine": model.inertia_fine,
-                   "inertia_coarse": model.inertia_coarse, "capacity": cap}
+    plan = METHODS[cc.method](config, store, ds, n)
 
     sums = torch.zeros(k, ds.feature_dim, dtype=torch.float64)
     sizes = torch.zeros(k, dtype=torch.long)
-    assigned = torch.zeros(k, dtype=torch.long)  # every row, held-out included (random centroids)
+    assigned = torch.zeros(k, dtype=torch.long)  # every row, held-out included
     class_counts: list[dict[int, int]] = [{} for _ in range(k)]
     thumbs: list[list[np.ndarray]] = [[] for _ in range(k)]
     assignment_refs: list[ShardRef] = []
     expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
     router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    ranges = _shard_ranges(ds)
-    if cc.method == "random":
-        jobs = [dict(cluster=perm[a:b].clone()) for a, b in ranges]
-    else:
-        jobs = [dict(assigner=assign) for _ in ranges]
-    parallel = cc.method != "random" and not cc.balanced and n >= cc.parallel_min_rows
     t1 = time.perf_counter()
-    for part in _assign_all(store, ds, jobs, k, cc.metric, cc.assign_chunk_rows, parallel):
+    for part in _assign_all(store, ds, plan.jobs, k, cc.metric, cc.assign_chunk_rows, plan.parallel):
         sizes += part.sizes
         assigned += part.assigned
         if part.sums.numel():
@@ -269,7 +293,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
             for label, count in part.class_counts[e].items():
                 class_counts[e][label] = class_counts[e].get(label, 0) + count
             thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(thumbs[e])])
-    details["parallel_assignment"] = parallel
+    details = {**plan.details, "parallel_assignment": plan.parallel}
     timings = {"fit_s": round(t1 - t0, 3), "assign_s": round(time.perf_counter() - t1, 3)}  # not in the report: it stays reproducible
 
     size_list = sizes.tolist()
@@ -277,15 +301,11 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         empty = [e for e, s in enumerate(size_list) if s == 0]
         raise ConfigError(f"clustering.num_experts = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
                          "lower clustering.num_experts or set clustering.balanced=true")
-    if coarse is None:  # random: centroids are the clusters' feature means, for the report and router
-        coarse = (sums / assigned[:, None]).float()
-        coarse = prepare(coarse, cc.metric)
-        fine = coarse
-    f2c = torch.arange(k) if cc.method == "random" else model.fine_to_coarse
-    fine_counts = sizes if cc.method == "random" else model.fine_counts
+    found = plan.centroids(sizes, assigned, sums)
     centroids = store.put_payload("clusters/centroids.safetensors", save_safetensors({
-        "fine": fine.cpu().float().clone(), "coarse": coarse.cpu().float().clone(),  # random: fine is coarse
-        "fine_to_coarse": f2c.cpu().long().contiguous(), "fine_counts": fine_counts.cpu().float().contiguous()}))
+        "fine": found["fine"].cpu().float().clone(), "coarse": found["coarse"].cpu().float().clone(),
+        "fine_to_coarse": found["fine_to_coarse"].cpu().long().contiguous(),
+        "fine_counts": found["fine_counts"].cpu().float().contiguous()}))
 
     images = [store.put_payload("clusters/sizes.png", _histogram(size_list, f"{cc.method}, K = {k}, {n} rows"))]
     images += [store.put_payload(f"clusters/cluster_{e:02d}.png", _grid(thumbs[e])) for e in range(k) if thumbs[e]]
@@ -296,7 +316,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
               "label_purity": purity, **details}
     report_ref = store.put_payload("clusters/report.json", json.dumps(report, indent=2).encode())
     store.commit("clusters/clusters.json", ClusterManifest(
-        method=cc.method, metric=cc.metric, num_experts=k, num_fine=len(fine), sizes=size_list,
+        method=cc.method, metric=cc.metric, num_experts=k, num_fine=len(found["fine"]), sizes=size_list,
         centroids=centroids, assignments=assignment_refs, report=report_ref, images=images))
 
     for e in range(k):
