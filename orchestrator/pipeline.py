@@ -94,7 +94,7 @@ def check_durable_store(run_uri: str, cluster_mode: bool, allow_local_store: boo
     else:
         return
     raise UsageError(f"run store {run_uri} {reason}; in cluster mode give run_uri=s3://bucket/run (or --run "
-                     f"/path/on/a/shared/filesystem), or pass --allow-local-store to keep it there")
+                     f"a path on a filesystem every node mounts), or pass --allow-local-store to keep it there")
 
 
 class ClusterUnreachable(DDMError):
