@@ -167,7 +167,7 @@ def test_damaged_exports_are_seen_verified_and_reexported_alone(copy, capsys) ->
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_mid_run_finishes_from_the_previous_one(done, tmp_path) -> None:
-    """Kill expert-00's actor mid-run and flip a bit in its newest checkpoint: the retry (counted)
+    """Kill the actor training expert-00 mid-run and flip a bit in its newest checkpoint: the retry (counted)
     skips the damaged checkpoint and resumes from the one before it, instead of failing for good."""
     import json
     import threading
@@ -187,13 +187,20 @@ def test_corrupt_newest_checkpoint_mid_run_finishes_from_the_previous_one(done, 
     store = RunStore(str(run))
     hit: dict = {}
 
+    def slot_running(job: str, island: str):
+        for slot in range(8):
+            actor = ray.get_actor(f"{island}#{slot}")  # slots are numbered from 0; a missing one raises
+            if ray.get(actor.progress.remote(), timeout=30).get("job") == job:
+                return actor
+        raise AssertionError(f"no slot of {island} runs {job}")
+
     def fault() -> None:
         deadline = time.time() + 600
         while time.time() < deadline:
             status = store.read_record("experts/00/status.json", JobStatusRecord) \
                 if store.exists("experts/00/status.json") else None
             if status and status.state == "running" and len(checkpoint_records(store, "experts/00")) >= 2:
-                ray.kill(ray.get_actor(f"expert-00@{status.island}"))
+                ray.kill(slot_running("expert-00", status.island))  # the island slot actor training it
                 time.sleep(0.3)  # the killed process writes nothing more
                 key = checkpoint_records(store, "experts/00")[-1]
                 record = store.read_record(key, CheckpointRecord)
