@@ -184,7 +184,8 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
     from worker.evaltable import metric_table, reference_lines
 
     header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds
-    parts = [_table(cells, header)] + [f"<p>{html.escape(line)}</p>" for line in reference_lines(results)]
+    parts = [_table(cells, [_label(k) for k in header])]  # names with units and direction
+    parts += [f"<p>{html.escape(line)}</p>" for line in reference_lines(results)]
     fields = results.get("gmm_fields")
     if fields:
         fk = [k for k in fields if k != "t"]
