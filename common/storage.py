@@ -68,6 +68,18 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _durable_temp(path: str, data: bytes) -> str:
+    """Write `data` to a fresh temp file beside `path`, synced to disk; returns its name (for an atomic
+    rename or link into place)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 class RunStore:
     """Key/value access to one run root. Keys are relative POSIX paths."""
 
@@ -153,13 +165,7 @@ class RunStore:
 
         def write() -> None:
             if self.protocol == "file":
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                os.replace(_durable_temp(path, data), path)
             else:  # an object PUT is atomic on S3 and in memory
                 self.fs.pipe_file(path, data)
 
@@ -187,12 +193,7 @@ class RunStore:
         """
         path = self._path(key)
         if self.protocol == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_temp(path, data)
             try:
                 os.link(tmp, path)
                 return True

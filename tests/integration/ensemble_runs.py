@@ -126,3 +126,15 @@ def train_all(store: RunStore, config: RunConfig) -> None:
     jobs = [expert_job(config, k, island) for k in range(config.clustering.num_experts)] + [router_job(config, island)]
     for job in jobs:
         train(job, job_store(store, job))
+
+
+def gathered_digits(url: str, K: int = 2) -> tuple[RunConfig, RunStore]:
+    """A digits run store with random exports, gathered: what `Ensemble.load` and `ddm sample` read."""
+    from worker.gather import gather
+
+    config = digits_config(url, K=K)
+    store = RunStore(url)
+    digits_run(store, config)
+    random_exports(store, config)
+    gather(config, store)
+    return config, store

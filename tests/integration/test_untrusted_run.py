@@ -16,22 +16,15 @@ from common.config import RunConfig
 from common.manifests import EnsembleManifest, RunRecord
 from common.storage import RunStore
 from orchestrator.cli import main
-from tests.integration.ensemble_runs import digits_config, digits_run, random_exports
+from tests.integration.ensemble_runs import digits_config, gathered_digits
 from worker.ensemble import Ensemble, EnsembleError
-from worker.gather import gather
 from worker.sampler import SamplerError
 
 
 @pytest.fixture
 def digits_store(tmp_path):
     torch.set_num_threads(1)
-    url = str(tmp_path / "run")
-    config = digits_config(url, K=2)
-    store = RunStore(url)
-    digits_run(store, config)
-    random_exports(store, config)
-    gather(config, store)
-    return config, store
+    return gathered_digits(str(tmp_path / "run"))
 
 
 def _rewrite_ensemble(store: RunStore, **changes) -> None:

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import EXIT_FAILURE, EXIT_USAGE, DDMError, UsageError
-from common.storage import RunStore
-from tests.integration.ensemble_runs import digits_config, digits_run, random_exports
-from worker.gather import gather
+from tests.integration.ensemble_runs import gathered_digits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,17 +78,8 @@ def test_unknown_protocol_and_not_a_run(tmp_path):
     assert_one_line(ddm("status", str(tmp_path)), EXIT_USAGE, r"no run\.json \(not a DDM run store\)")
 
 
-def _gathered(tmp_path) -> RunStore:
-    config = digits_config(str(tmp_path / "run"), K=2)
-    store = RunStore(config.run_uri)
-    digits_run(store, config)
-    random_exports(store, config)
-    gather(config, store)
-    return store
-
-
 def test_integrity_and_manifest_errors_in_sample_and_status(tmp_path):
-    store = _gathered(tmp_path)
+    _, store = gathered_digits(str(tmp_path / "run"))
     root = Path(store.url.removeprefix("file://"))
     weights = next((root / "experts" / "00").rglob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, altered bytes
