@@ -93,7 +93,9 @@ def test_prepare_encodes_on_ray_actors(ray_session, tmp_path):
     result = prepare_data(cfg, store)
     assert enc.ENCODE_CALLS == calls  # nothing was encoded in this process
     pids = result.details["encode_processes"]
-    assert os.getpid() not in pids and len(pids) == 2  # two actors shared the 10 batches
+    # encoding ran in the pool's actors, never here; how Ray Data spreads the 10 batches over the two
+    # actors is its scheduling (on a loaded box the first actor can take them all before the second starts)
+    assert pids and os.getpid() not in pids and len(pids) <= 2
     # results come back in discovery order whatever actor finished first
     ds = store.read_record("data/dataset.json", DatasetManifest)
     shards = [load(store.get_payload(s)) for s in ds.shards]
