@@ -100,12 +100,12 @@ def test_total_nimg_makes_every_k_flop_matched(capsys: pytest.CaptureFixture[str
 
 def test_duration_nimg_is_an_explicit_per_expert_override() -> None:
     demo = resolve_config()
-    assert demo.training.duration_nimg is None and demo.expert_nimg == 96_000  # the demo's budget, K = 4
-    assert resolve_config(overrides=["clustering.num_experts=1"]).expert_nimg == 384_000
+    assert demo.training.duration_nimg is None and demo.expert_nimg == 48_000  # the demo's budget, K = 4
+    assert resolve_config(overrides=["clustering.num_experts=1"]).expert_nimg == 192_000
     override = resolve_config(overrides=["training.duration_nimg=5000", "clustering.num_experts=8"])
     assert override.expert_nimg == 5000                                       # the override wins
     assert resolve_config(overrides=["router.training.duration_nimg=700"]).router_nimg == 700
-    assert demo.router_nimg == 64_000 and demo.router.training.timestep_sampling == "uniform"
+    assert demo.router_nimg == 32_000 and demo.router.training.timestep_sampling == "uniform"
     with pytest.raises(ConfigError, match="training.total_nimg = 3 leaves no images per expert"):
         resolve_config(overrides=["training.total_nimg=3"])
 
