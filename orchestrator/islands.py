@@ -93,10 +93,14 @@ def actor_options(island: IslandConfig, name: str) -> dict:
         options["resources"] = {key: value for key, value in island.resources.items()}
         if island.use_gpu and island.accelerator_type:
             options["accelerator_type"] = island.accelerator_type
-    else:
+    elif not island.label_selector:
         options["num_cpus"] = 0
-        # A sliver of the island's resource keeps the driver actor on the island's nodes too.
+        # Without a label, a sliver of the island's resource keeps the driver actor on the island's nodes.
         options["resources"] = {key: 0.001 for key in island.resources}
+    else:
+        # The label alone keeps the driver on the island: a resource sliver would make its node unable to
+        # host a whole worker, so a group that loses a node could not re-form on the nodes that are left.
+        options["num_cpus"] = 0
     if island.label_selector:
         options["label_selector"] = dict(island.label_selector)
     return options

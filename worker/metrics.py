@@ -113,7 +113,7 @@ class TensorBoardLog:
         if self.writer is None:
             return
         for key, value in row.items():
-            if key not in ("nimg", "step", "time", "duration_nimg") and isinstance(value, (int, float)):
+            if key not in ("nimg", "step", "time", "duration_nimg", "resumed_from_nimg") and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{key}", float(value), global_step=nimg)
         self.writer.flush()
         for name in os.listdir(self._scratch.name):

@@ -223,6 +223,7 @@ class _Meter:
         self.peak = matmul_tflops(device, seconds=0.2) * job.num_workers if rank == 0 else 0.0
         self.tensorboard: TensorBoardLog | None = None  # rank 0's, opened at its first log
         self.start, self.nimg0 = time.perf_counter(), nimg
+        self.resumed_from = nimg or None  # logged once: a resume (after a crash or a preemption) shows in the log
         self.losses: list[torch.Tensor] = []
         self.stats: list[dict] = []
 
@@ -245,6 +246,8 @@ class _Meter:
         if self.stats:
             row.update(calibration_metrics(*(torch.cat([s[k] for s in self.stats]).float().cpu()
                                              for k in ("t", "correct", "conf"))))
+        if self.resumed_from is not None:
+            row["resumed_from_nimg"], self.resumed_from = self.resumed_from, None
         store.append_text(f"{self.job.prefix}/metrics.jsonl", json.dumps(row) + "\n")
         report_progress(self.job.name, self.job.island, row)
         self.tensorboard = self.tensorboard or TensorBoardLog(store, tensorboard_prefix(self.job.name))

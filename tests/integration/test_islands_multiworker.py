@@ -1,5 +1,5 @@
 """Multi-worker islands on a multi-node cluster: every Ray Train worker lands on the island's labelled
-nodes and progress reaches the driver."""
+nodes, progress reaches the driver, and a preempted node's group resumes from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.manifests import JobStatusRecord, StageRecord
+from common.manifests import ExportRecord, JobStatusRecord, StageRecord
 from common.storage import RunStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -23,9 +23,9 @@ SMALL = ["data.gmm_items=1024", "data.gmm_components=2", "clustering.num_experts
          "router.island=island-b", "prepare.num_workers=1"]
 
 
-def _scenario(run: Path) -> dict:
+def _scenario(mode: str, run: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests/integration/island_scenario.py"), str(run), *SMALL],
+    done = subprocess.run([sys.executable, str(ROOT / "tests/integration/island_scenario.py"), mode, str(run), *SMALL],
                           capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -38,7 +38,7 @@ def _train_record(store: RunStore) -> StageRecord:
 
 def test_two_worker_island_lands_only_on_its_labelled_nodes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = _scenario(run)
+    result = _scenario("labels", run)
     store = RunStore(str(run))
     nodes = _train_record(store).details["nodes"]
     # Both Ray Train workers of expert-00, on two distinct labelled nodes; never the decoy that has
@@ -49,3 +49,23 @@ def test_two_worker_island_lands_only_on_its_labelled_nodes(tmp_path: Path) -> N
     assert status.state == "succeeded" and status.nimg == 12800  # progress from rank 0 reached the driver
     assert status.node in result["labelled"]  # the slot actor driving the group is on the island too
     assert any(k.startswith("tb/expert-00/events.out.tfevents") for k in store.list("tb/expert-00/"))
+
+
+def test_preempted_node_resumes_the_group_on_the_remaining_labelled_nodes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _scenario("preempt", run)
+    assert result["killed"], "no worker node of expert-00 was removed"
+    store = RunStore(str(run))
+    nodes = _train_record(store).details["nodes"]["expert-00"]
+    survivors = set(result["labelled"]) - {result["killed"]["node"]}
+    assert len(nodes) == 2 and set(nodes) <= survivors, (nodes, result)  # regrouped on the remaining labelled nodes
+    rows = [json.loads(line) for line in store.read_bytes("experts/00/metrics.jsonl").decode().splitlines() if line]
+    seen = [row["nimg"] for row in rows]
+    resumes = [row["resumed_from_nimg"] for row in rows if "resumed_from_nimg" in row]
+    # The re-formed group resumed from a committed checkpoint (every 2,560 images), never from zero, and finished.
+    assert resumes and all(r >= 2560 and r % 2560 == 0 for r in resumes), (resumes, seen)
+    assert seen.count(seen[0]) == 1 and seen[-1] == 12800
+    assert store.read_record("experts/00/export.json", ExportRecord).nimg == 12800
+    # The other island never noticed.
+    other = store.read_record("experts/01/status.json", JobStatusRecord)
+    assert other.state == "succeeded" and other.attempts == 1 and other.retries == 0

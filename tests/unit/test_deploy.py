@@ -19,7 +19,7 @@ DEPLOY = ROOT / "deploy"
 EXAMPLE = DEPLOY / "islands.example.yaml"
 METRICS = ["ray_ddm_images_seen", "ray_ddm_loss", "ray_ddm_images_per_second", "ray_ddm_eta_seconds",
            "ray_ddm_retries_total", "ray_ddm_job_images_seen"]
-DRIVER_SLICE = 0.001  # what a multi-worker group's driver actor holds of its island's resource
+DRIVER_SLICE = 0.001  # what an unlabelled multi-worker group's driver actor holds of its island's resource
 
 
 def _load(path: Path) -> dict:
@@ -35,7 +35,7 @@ def _fits(island, resources: dict[str, float], cpus: float, gpus: float, where: 
     """One expert's whole group (num_workers workers + the group driver's slice) fits on this node."""
     n = island.num_workers
     for key, per_worker in island.resources.items():
-        need = per_worker * n + (DRIVER_SLICE if n > 1 else 0)
+        need = per_worker * n + (DRIVER_SLICE if n > 1 and not island.label_selector else 0)
         assert resources.get(key, 0) >= need, f"{where}: {key} = {resources.get(key)} < {need} for {n} workers"
     assert cpus >= island.cpus_per_worker * n, f"{where}: {cpus} CPUs < {island.cpus_per_worker} x {n}"
     if island.use_gpu:
