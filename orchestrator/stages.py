@@ -118,13 +118,45 @@ def stage_inputs(config: RunConfig, source_fingerprint: str | None = None) -> di
     return out
 
 
+def _chained(upstream: str, inputs: dict) -> str:
+    return hashlib.sha256((upstream + "|" + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+
+
 def stage_fingerprints(inputs: dict[str, dict]) -> dict[str, str]:
     """Each stage's fingerprint: its inputs plus its upstream stage's fingerprint (a chain)."""
     out, upstream = {}, ""
     for stage in STAGES:
-        upstream = out[stage] = hashlib.sha256(
-            (upstream + "|" + json.dumps(inputs[stage], sort_keys=True)).encode()).hexdigest()
+        upstream = out[stage] = _chained(upstream, inputs[stage])
     return out
+
+
+_MISSING = object()
+
+
+def field_default(config: RunConfig, path: str) -> object:
+    """The schema default (as JSON) of the config field at a flat `path`, or _MISSING."""
+    from pydantic import BaseModel
+    from pydantic_core import to_jsonable_python
+
+    *parents, name = path.split(".")
+    node: object = config
+    for part in parents:
+        node = getattr(node, part, _MISSING)
+        if not isinstance(node, BaseModel):
+            return _MISSING
+    field = type(node).model_fields.get(name)
+    if field is None:
+        return _MISSING
+    return to_jsonable_python(field.get_default(call_default_factory=True))
+
+
+def same_inputs(old: dict, new: dict, config: RunConfig) -> bool:
+    """Whether inputs recorded by an older version equal today's: a key the record lacks is a config
+    field added since, which counts as unchanged while it holds its default (new fields are added with
+    the default that keeps the old behaviour). A key that disappeared is a change."""
+    if not old.keys() <= new.keys():
+        return False
+    return all(old[k] == v if k in old else field_default(config, k) == v for k, v in new.items())
 
 
 def describe_change(old: dict | None, new: dict, limit: int = 3) -> str:
@@ -165,6 +197,29 @@ class StageRunner:
         self.source_changes = source_changes  # e.g. "1 added (x.png)", for the StageChanged line
         self.inputs = stage_inputs(config, source_fingerprint)
         self.fingerprints = stage_fingerprints(self.inputs)
+        self._adopt_records_from_older_versions()
+
+    def _adopt_records_from_older_versions(self) -> None:
+        """A stage committed (or a job stamped) before a config field existed keeps matching.
+
+        When a recorded fingerprint differs from ours but the record is self-consistent (its inputs and
+        our upstream hash to it) and its inputs equal ours up to fields added since at their defaults,
+        this run adopts the recorded inputs and fingerprint for that stage: upgrading the code never
+        stops or redoes committed work."""
+        upstream = ""
+        for stage in STAGES:
+            ours = _chained(upstream, self.inputs[stage])
+            record = self.store.read_record(f"stages/{stage}.json", StageRecord)
+            found = [(record.fingerprint, record.details.get("inputs"))] if record is not None else []
+            if stage == "train" and record is None:
+                found = [(stamp.get("fingerprint"), stamp.get("inputs")) for stamp in job_stamps(self.store).values()]
+            for fingerprint, inputs in found:
+                if (fingerprint != ours and isinstance(inputs, dict) and _chained(upstream, inputs) == fingerprint
+                        and same_inputs(inputs, self.inputs[stage], self.config)):
+                    log.info("stage %s: record from an older version matches (new fields at their defaults)", stage)
+                    ours, self.inputs[stage] = fingerprint, inputs
+                    break
+            self.fingerprints[stage] = upstream = ours
 
     def write_run_record(self) -> None:
         existing = self.store.read_record("run.json", RunRecord)

@@ -58,3 +58,43 @@ def test_an_uncommitted_stage_above_committed_work_is_refused(tmp_path) -> None:
     with pytest.raises(StageChanged, match="later stages hold committed work"):
         StageRunner(store, config).run("prepare", lambda: StageResult())
     assert store.exists("experts/00/export.json") and store.exists("ensemble.json")
+
+
+def _as_older_version(store: RunStore, drop: str) -> None:
+    """Rewrite the committed records as a version without the config field `drop` would have made them."""
+    from common.manifests import StageRecord
+    from orchestrator.stages import _chained
+
+    upstream = ""
+    for stage in STAGES:
+        record = store.read_record(f"stages/{stage}.json", StageRecord)
+        inputs = {k: v for k, v in record.details["inputs"].items() if k != drop}
+        fingerprint = upstream = _chained(upstream, inputs)
+        store.commit(f"stages/{stage}.json", record.model_copy(
+            update={"fingerprint": fingerprint, "details": {**record.details, "inputs": inputs}}))
+
+
+def test_records_from_before_a_new_field_still_match_while_it_holds_its_default(tmp_path) -> None:
+    from orchestrator.stages import field_default
+
+    store = RunStore(str(tmp_path))
+    config = _config(tmp_path)
+    _commit_all(store, config)
+    assert stage_inputs(config)["prepare"]["data.max_items"] is None is field_default(config, "data.max_items")
+    _as_older_version(store, "data.max_items")  # as if data.max_items had been added since
+    runner = StageRunner(store, config)
+    runner.check()  # no StageChanged: the field the records lack is at its default
+    assert all(runner.run(stage, lambda: StageResult()).skipped for stage in STAGES)
+    assert store.exists("experts/00/export.json")
+    assert StageRunner(store, config).fingerprints == runner.fingerprints  # stable: nothing was rewritten
+    with pytest.raises(StageChanged, match=r"stage prepare .*data.max_items"):  # set away from the default
+        StageRunner(store, _config(tmp_path, "data.max_items=100")).check()
+
+
+def test_a_non_default_value_the_old_records_lack_is_a_change(tmp_path) -> None:
+    store = RunStore(str(tmp_path))
+    config = _config(tmp_path)  # the digits preset holds out 0.2, not the field's default
+    _commit_all(store, config)
+    _as_older_version(store, "data.holdout_fraction")
+    with pytest.raises(StageChanged, match=r"stage prepare .*data.holdout_fraction"):
+        StageRunner(store, config).check()
