@@ -84,6 +84,11 @@ class DataConfig(Strict):
     gmm_components: int = Field(4, ge=1, description="builtin:gmm: number of mixture components.")
     gmm_items: int = Field(8192, ge=1, description="builtin:gmm / builtin:shapes: number of items generated.")
     gmm_separation: float = Field(4.0, gt=0, description="builtin:gmm: distance scale between component means, in component std units.")
+    shapes_aspect_ratios: list[Annotated[float, Field(ge=1 / 16, le=16)]] | None = Field(
+        None, min_length=1, max_length=64, description=(
+            "builtin:shapes: draw each image at a width / height ratio drawn (seeded) from this list, with about "
+            "data.image_size^2 pixels; each is then centre-cropped to the square like a file, or kept at its own "
+            "size for prepare to bucket when data.buckets.enabled. None = square images."))
     buckets: BucketConfig = Field(default_factory=BucketConfig, description=(
         "Aspect-ratio buckets (common/buckets.py); off by default."))
 
