@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.buckets import Bucket, BucketConfig
 from common.errors import UsageError
 
 # Known sizes of the built-in sources, so that cross-field checks can run before any data is read
@@ -82,6 +84,13 @@ class DataConfig(Strict):
     gmm_components: int = Field(4, ge=1, description="builtin:gmm: number of mixture components.")
     gmm_items: int = Field(8192, ge=1, description="builtin:gmm / builtin:shapes: number of items generated.")
     gmm_separation: float = Field(4.0, gt=0, description="builtin:gmm: distance scale between component means, in component std units.")
+    shapes_aspect_ratios: list[Annotated[float, Field(ge=1 / 16, le=16)]] | None = Field(
+        None, min_length=1, max_length=64, description=(
+            "builtin:shapes: draw each image at a width / height ratio drawn (seeded) from this list, with about "
+            "data.image_size^2 pixels; each is then centre-cropped to the square like a file, or kept at its own "
+            "size for prepare to bucket when data.buckets.enabled. None = square images."))
+    buckets: BucketConfig = Field(default_factory=BucketConfig, description=(
+        "Aspect-ratio buckets (common/buckets.py); off by default."))
 
 
 class FeaturesConfig(Strict):
@@ -339,6 +348,7 @@ class RunConfig(Strict):
             if side is not None and side % model.patch_size:
                 raise ValueError(f"{where}.patch_size = {model.patch_size} does not divide the latent size "
                                  f"{side}x{side} (data.image_size with latents.encoder = identity)")
+        self._check_buckets()
         if self.training.duration_nimg is None and self.training.total_nimg < k:
             raise ValueError(f"training.total_nimg = {self.training.total_nimg} leaves no images per expert at K = {k}")
         if self.training.global_batch % k:
@@ -371,6 +381,28 @@ class RunConfig(Strict):
                         f"island {island.name}: {island.num_workers} workers x micro-batch "
                         f"{micro} does not divide the {what} {batch}")
         return self
+
+    def _check_buckets(self) -> None:
+        """Bucket sides must make whole token grids: multiples of the VAE factor x every model's patch size.
+        The VAE factor is known here for pixel-space runs (1); for VAE runs prepare checks it."""
+        buckets = self.data.buckets
+        if not buckets.enabled:
+            return
+        patch = math.lcm(self.model.patch_size, self.router.model.patch_size)
+        if buckets.multiple is not None and buckets.multiple % patch:
+            raise ValueError(f"data.buckets.multiple = {buckets.multiple} is not a multiple of the patch size {patch} "
+                             f"(model.patch_size and router.model.patch_size)")
+        if self.latents.encoder == "identity":
+            self.bucket_sizes(vae_factor=1)
+
+    def bucket_sizes(self, vae_factor: int) -> list[Bucket]:
+        """The run's buckets (width, height) in pixels, sides multiples of data.buckets.multiple or, unset,
+        of vae_factor x the patch size (the least common multiple of the expert's and the router's)."""
+        patch = math.lcm(self.model.patch_size, self.router.model.patch_size)
+        try:
+            return self.data.buckets.bucket_sizes(vae_factor * patch, self.data.image_size**2)
+        except ValueError as exc:
+            raise ValueError(f"data.buckets.{exc}") from None
 
     def known_dataset_size(self) -> int | None:
         """Rows the run will have, where known before any data is read (built-in sources, max_items)."""

@@ -77,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         text = ClipText(where, config.text.max_length, device)([args.prompt])[1]  # [1, L, D]
     n = args.n or min(s.num_samples, 64)
     latents = ensemble.sample(n, s, classes=args.klass, seed=args.seed, oracle_cluster=args.cluster,
-                              expert=args.expert, text=text)
+                              expert=args.expert, text=text, size=latent_size(args.size, ensemble, config))
     classes = None if text is not None else ensemble.classes_for(n, args.klass)
     if text is not None:
         labels = [args.prompt[:12]] * n
@@ -90,6 +90,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     title=f"{name}  steps {s.steps}  cfg {s.cfg_scale}")
     print(out)
     return 0
+
+
+def latent_size(size: tuple[int, int] | None, ensemble, config: RunConfig) -> tuple[int, int] | None:
+    """--size W x H in pixels -> latent (height, width); each side must be a multiple of the pixels per latent cell
+    (the VAE factor, 1 for pixel-space runs) times the models' patch size."""
+    if size is None:
+        return None
+    from worker.ensemble import pixel_factor
+
+    width, height = size
+    factor = pixel_factor(config.data.image_size, ensemble.manifest.latent_shape)
+    step = factor * ensemble.patch_size
+    if width % step or height % step:
+        raise UsageError(f"--size {width}x{height}: each side must be a multiple of {step} = {factor} pixels per "
+                         f"latent cell (the VAE factor) x patch size {ensemble.patch_size}")
+    return height // factor, width // factor
 
 
 @_trust_hint
@@ -190,6 +206,17 @@ def add_trust_arg(parser: argparse.ArgumentParser) -> None:
                              "folder, as its run.json / ensemble.json name them; only for runs you trust")
 
 
+def _image_size(value: str) -> tuple[int, int]:
+    """'320x192' -> (320, 192): width x height in pixels."""
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{value!r} is not WIDTHxHEIGHT in pixels (e.g. 320x192)")
+    width, height = (int(p) for p in parts)
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: width and height must be >= 1")
+    return width, height
+
+
 def _grid_size(value: str) -> int:
     n = _positive(value)
     if n > MAX_GRID_SAMPLES:
@@ -215,6 +242,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", type=int, help="oracle strategy: the cluster to sample (default: drawn from the prior)")
     p.add_argument("--expert", type=int, help="single strategy: the expert to use")
     p.add_argument("--student", action="store_true", help="sample the distilled dense student instead")
+    p.add_argument("--size", type=_image_size, metavar="WxH", help="image size in pixels, e.g. 320x192; each side a "
+                   "multiple of the VAE factor x patch size (default: the run's data.image_size square)")
     p.add_argument("--out", help="output PNG (default: samples-<strategy>.png)")
     add_trust_arg(p)
     _add_device(p)

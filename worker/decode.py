@@ -143,6 +143,11 @@ def resize_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
         planes = [np.asarray(_resize_crop(Image.fromarray(arr[..., c].astype(np.float32), mode="F"), size))
                   for c in range(arr.shape[-1])]
         arr = np.clip(np.stack(planes, -1), 0.0, 1.0)
+    return to_channels(arr, channels)
+
+
+def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """Float [H, W, C] -> [H, W, channels]: grey repeated to RGB, RGB to luma; any H, W."""
     if arr.shape[-1] != channels:
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, channels, axis=-1)

@@ -88,6 +88,15 @@ def check_manifest_sizes(manifest: EnsembleManifest, key: str) -> None:
                             f"[{', '.join(f'1..{lim}' for lim in limits)}]")
 
 
+def pixel_factor(image_size: int, latent_shape: Sequence[int]) -> int:
+    """Pixels per latent cell along a side: 1 for identity latents (pixels), the VAE's downsampling (8 for the
+    SD VAEs) otherwise; read off the run's square image size and the latent shape it was encoded to."""
+    side = latent_shape[-2]
+    if side < 1 or image_size % side:
+        raise EnsembleError(f"latent_shape = {list(latent_shape)} does not divide data.image_size = {image_size}")
+    return image_size // side
+
+
 class Ensemble:
     """Experts (None where missing), router and the manifest they came from."""
 
@@ -146,6 +155,29 @@ class Ensemble:
     def num_classes(self) -> int | None:
         model = next(m for m in self.experts if m is not None)
         return model.config.num_classes if model.config.conditioning == "class" else None
+
+    @property
+    def patch_size(self) -> int:
+        """The patch every latent side must be a multiple of: the members' patch sizes' least common multiple."""
+        members = [m for m in [*self.experts, self.router] if m is not None]
+        return math.lcm(*(int(m.config.patch_size) for m in members))
+
+    def latent_shape_at(self, size: tuple[int, int] | None) -> list[int]:
+        """[C, H, W] of samples at latent `size` = (height, width); None = the size the run was trained at.
+        A size that the models cannot patch or that is outside ModelLimits is one SamplerError naming `size`."""
+        C, H, W = self.manifest.latent_shape
+        if size is None:
+            return [C, H, W]
+        if (len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in size)):
+            raise SamplerError(f"size = {size!r}: must be (height, width) in latent cells")
+        p, (h, w) = self.patch_size, size
+        if not (1 <= h <= ModelLimits.input_side and 1 <= w <= ModelLimits.input_side):
+            raise SamplerError(f"size = {h}x{w} (height x width): each side must be in [1, {ModelLimits.input_side}]")
+        if h % p or w % p:
+            raise SamplerError(f"size = {h}x{w} (height x width): each side must be a multiple of the patch size {p}")
+        if (h // p) * (w // p) > ModelLimits.tokens:
+            raise SamplerError(f"size = {h}x{w}: {(h // p) * (w // p):,} tokens; at most {ModelLimits.tokens:,}")
+        return [C, h, w]
 
     @property
     def present_ids(self) -> list[int]:
@@ -252,9 +284,11 @@ class Ensemble:
     def sample(self, n: int, sampling: SamplingConfig | str | None = None, *,
                classes: int | Sequence[int] | Tensor | None = None, seed: int = 0,
                oracle_cluster: Tensor | int | None = None, expert: int | None = None, text: Tensor | None = None,
-               chunk: int = SAMPLE_CHUNK, **overrides: Any) -> Tensor:
+               chunk: int = SAMPLE_CHUNK, size: tuple[int, int] | None = None, **overrides: Any) -> Tensor:
         """n latents [n, C, H, W] integrated from t = 1 (noise) to t = 0.
 
+        `size`: latent (height, width), each a multiple of the patch size (an image of W x H pixels is
+        (H // f, W // f) with f = `pixel_factor`); None = the latent shape the run was trained at.
         `sampling`: a SamplingConfig (e.g. the run's `config.sampling`) or a strategy name; keyword overrides
         (strategy, steps, solver, cfg_scale, top_k, threshold, nucleus_p) are validated like the config, so
         `sample(16, strategy="top1", cfg_scale=2.0)` works. Trajectories run `chunk` at a time.
@@ -266,12 +300,13 @@ class Ensemble:
             raise SamplerError(f"n = {n!r}: must be an integer >= 1")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise SamplerError(f"chunk = {chunk!r}: must be an integer >= 1")
-        row_bytes = 4 * math.prod(self.manifest.latent_shape)
+        shape = self.latent_shape_at(size)
+        row_bytes = 4 * math.prod(shape)
         if n * row_bytes > MAX_SAMPLE_BYTES:
             raise SamplerError(f"n = {n:,}: {n * row_bytes / 2**30:.1f} GiB of latents; at most "
                                f"{MAX_SAMPLE_BYTES // row_bytes:,} samples per call")
         generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn([n, *self.manifest.latent_shape], generator=generator).to(self.device)
+        latents = torch.randn([n, *shape], generator=generator).to(self.device)
         cond = self.text_for(n, text) if text is not None else self.classes_for(n, classes)
         fixed = self._fixed(s.strategy, n, cond, oracle_cluster, expert, generator)
         for start in range(0, n, chunk):  # each chunk is integrated in place of its noise

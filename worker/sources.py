@@ -27,7 +27,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.errors import UsageError
-from worker.decode import IMAGE_EXTENSIONS, resize_array
+from worker.decode import IMAGE_EXTENSIONS, resize_array, to_channels
 
 BUILTINS = ("builtin:digits", "builtin:shapes", "builtin:gmm")
 
@@ -252,18 +252,28 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), 
 
 
 def _shapes(data: DataConfig, seed: int) -> Discovery:
-    """Seeded coloured shapes on a dark background, drawn at 4x and downsampled (anti-aliased)."""
+    """Seeded coloured shapes on a dark background, drawn at 4x and downsampled (anti-aliased).
+
+    With data.shapes_aspect_ratios each image is width x height = about image_size^2 pixels at a seeded ratio
+    from that list (the shape sized by the short side); it is centre-cropped to the square like a file, or,
+    with data.buckets.enabled, kept at its own size [C, H, W] for prepare to resize to its bucket."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    s = data.image_size * 4
     colours = list(COLOURS)
     items = []
     for i in range(data.gmm_items):
         shape, colour = int(rng.integers(len(SHAPES))), colours[int(rng.integers(len(colours)))]
-        img = Image.new("RGB", (s, s), tuple(int(v) for v in rng.integers(0, 50, 3)))
-        r = s * rng.uniform(0.2, 0.35)
-        cx, cy = s * rng.uniform(0.35, 0.65, 2)
+        width = height = data.image_size
+        if data.shapes_aspect_ratios:  # an extra draw only when asked, so square sets stay as they were
+            ratio = data.shapes_aspect_ratios[int(rng.integers(len(data.shapes_aspect_ratios)))]
+            width = max(1, round(data.image_size * ratio ** 0.5))
+            height = max(1, round(data.image_size / ratio ** 0.5))
+        sw, sh = width * 4, height * 4
+        img = Image.new("RGB", (sw, sh), tuple(int(v) for v in rng.integers(0, 50, 3)))
+        r = min(sw, sh) * rng.uniform(0.2, 0.35)
+        u = rng.uniform(0.35, 0.65, 2)
+        cx, cy = sw * u[0], sh * u[1]
         draw, fill = ImageDraw.Draw(img), COLOURS[colour]
         if SHAPES[shape] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -273,9 +283,11 @@ def _shapes(data: DataConfig, seed: int) -> Discovery:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        small = np.asarray(img.resize((data.image_size,) * 2, Image.BOX), dtype=np.float32) / 255.0
+        small = np.asarray(img.resize((width, height), Image.BOX), dtype=np.float32) / 255.0
+        pixels = (to_channels(small, data.channels) if data.shapes_aspect_ratios and data.buckets.enabled
+                  else resize_array(small, data.image_size, data.channels))
         items.append(Item(source=f"builtin:shapes#{i}", label=shape, text=f"a {colour} {SHAPES[shape]}",
-                          array=_chw(resize_array(small, data.image_size, data.channels))))
+                          array=_chw(pixels)))
     return Discovery(items, None, len(SHAPES), {"classes": list(SHAPES)})
 
 

@@ -161,9 +161,11 @@ class DiTTrunk(nn.Module):
         if conditioning == "text" and not text_dim:
             raise ConfigError("model.conditioning = 'text' needs text_dim (the data has no text embeddings)")
         self.conditioning, self.num_classes = conditioning, num_classes
+        self.width, self.patch_size = width, patch_size
         self.patch = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        pos = sincos_pos_embed_2d(width, H // patch_size, W // patch_size)[None]       # [1, T, D]
-        self.register_buffer("pos", pos.to(self.patch.weight.device), persistent=False)
+        # Positions are a function of the token grid, not weights: one model trains and samples at any
+        # grid (aspect-ratio buckets). Built on first use per (grid, device, dtype), never saved.
+        self._pos_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
         self.t_embed = TimestepEmbedder(width)
         if conditioning == "class":  # one extra row: the null class used by CFG and label dropout
             self.y_embed = nn.Embedding(num_classes + 1, width)
@@ -171,9 +173,32 @@ class DiTTrunk(nn.Module):
             self.text_proj = nn.Linear(text_dim, width)
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
 
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (rows, columns) of a [.., height, width] input; one ConfigError when it cannot be patched."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ConfigError(f"input {height}x{width}: not a multiple of model.patch_size = {p} on each side")
+        rows, cols = height // p, width // p
+        if rows * cols > ModelLimits.tokens:
+            raise ConfigError(f"input {height}x{width} / patch_size {p} = {rows * cols:,} tokens; "
+                              f"at most {ModelLimits.tokens:,}")
+        return rows, cols
+
+    def positions(self, rows: int, cols: int) -> torch.Tensor:
+        """Sin-cos positions [1, rows * cols, D] of a token grid, on the patch weights' device and dtype
+        (what a registered buffer would follow under `.to()`), cached per grid."""
+        weight = self.patch.weight
+        key = (rows, cols, weight.device, weight.dtype)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            pos = sincos_pos_embed_2d(self.width, rows, cols)[None].to(weight.device, weight.dtype)  # [1, T, D]
+            self._pos_cache[key] = pos
+        return pos
+
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Image tokens (+ joint text tokens) and the shared condition c; returns the text token count."""
-        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos         # [B, T, D]
+        pos = self.positions(*self.grid(x.shape[-2], x.shape[-1]))            # [1, T, D]
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + pos               # [B, T, D]
         c = self.t_embed(t)                                                   # [B, D]
         if self.conditioning == "class":
             if cond is None:
@@ -210,7 +235,10 @@ class DiTTrunk(nn.Module):
 
 
 class DiT(ModelMixin, ConfigMixin):
-    """Velocity network v(x_t, t, cond) of one expert; `save_pretrained`/`from_pretrained` via diffusers."""
+    """Velocity network v(x_t, t, cond) of one expert; `save_pretrained`/`from_pretrained` via diffusers.
+
+    `input_size` is the latent size the model was built for (its data, its FLOP figures); `forward` takes
+    any [B, C, H, W] whose sides are multiples of `patch_size` (positions follow the input's grid)."""
 
     config_name = "config.json"
 
@@ -232,9 +260,10 @@ class DiT(ModelMixin, ConfigMixin):
     def null_class(self) -> int | None:
         return self.config.num_classes if self.config.conditioning == "class" else None
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Tokens [B, T, p*p*C] of a (height/p) x (width/p) grid back to [B, C, height, width]."""
         p, C = self.config.patch_size, self.config.in_channels
-        H, W = self.config.input_size
+        H, W = height, width
         B = x.shape[0]
         x = x.view(B, H // p, W // p, p, p, C)                                # [B, h, w, p, p, C]
         return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)                # [B, C, H, W]
@@ -244,11 +273,12 @@ class DiT(ModelMixin, ConfigMixin):
         tokens = self.trunk(tokens, c)                                        # [B, T(+L), D]
         if n_text:
             tokens = tokens[:, :-n_text]                                      # [B, T, D]
-        return self.unpatchify(self.final(tokens, c))                         # [B, C, H, W]
+        return self.unpatchify(self.final(tokens, c), x.shape[-2], x.shape[-1])  # [B, C, H, W]
 
-    def flops_per_image(self) -> float:
-        """Forward matmul FLOPs for one image (2 per multiply-add); training costs about 3x this."""
-        return dit_forward_flops(self.config.width, self.config.depth, self.config.input_size,
+    def flops_per_image(self, input_size: tuple[int, int] | None = None) -> float:
+        """Forward matmul FLOPs for one image (2 per multiply-add) at `input_size` (default: the size it
+        was built for); training costs about 3x this."""
+        return dit_forward_flops(self.config.width, self.config.depth, input_size or self.config.input_size,
                                  self.config.patch_size, self.config.in_channels, self.config.mlp_ratio)
 
 

@@ -22,6 +22,9 @@ T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)
 
 
 class Router(ModelMixin, ConfigMixin):
+    """Logits over K experts for any [B, C, H, W] whose sides are multiples of `patch_size`: the trunk's
+    sin-cos positions follow the input's token grid and the CLS token carries no position."""
+
     config_name = "config.json"
 
     @register_to_config
@@ -47,9 +50,10 @@ class Router(ModelMixin, ConfigMixin):
         tokens = self.trunk(tokens, c)                                        # [B, 1 + T, D]
         return self.head(self.norm(tokens[:, 0]))                             # [B, K] logits
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, input_size: tuple[int, int] | None = None) -> float:
         cfg = self.config
-        return dit_forward_flops(cfg.width, cfg.depth, cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.mlp_ratio)
+        return dit_forward_flops(cfg.width, cfg.depth, input_size or cfg.input_size, cfg.patch_size, cfg.in_channels,
+                                 cfg.mlp_ratio)
 
 
 def build_router(model: ModelConfig, latent_shape: list[int], num_experts: int, num_classes: int | None,

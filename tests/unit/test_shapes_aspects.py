@@ -1,0 +1,46 @@
+"""builtin:shapes at several aspect ratios: non-square drawings, centre-cropped like files or kept for buckets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, DataConfig, resolve_config
+from worker.decode import resize_array
+from worker.sources import discover
+
+
+def _shapes(**kw) -> list:
+    data = DataConfig(**{"source": "builtin:shapes", "image_size": 16, "channels": 3, "gmm_items": 60, **kw})
+    return discover(data, seed=4).items
+
+
+def test_aspect_ratios_kept_at_their_own_size_when_bucketing():
+    raw = _shapes(shapes_aspect_ratios=[0.5, 1.0, 2.0], buckets={"enabled": True})
+    sizes = {item.array.shape for item in raw}
+    # 16^2 pixels at ratio 2: 16 sqrt 2 = 22.6 -> 23 wide, 16 / sqrt 2 = 11.3 -> 11 high; ratio 1/2 the transpose
+    assert sizes == {(3, 11, 23), (3, 16, 16), (3, 23, 11)}
+    again = _shapes(shapes_aspect_ratios=[0.5, 1.0, 2.0], buckets={"enabled": True})
+    assert all(np.array_equal(a.array, b.array) and a.label == b.label for a, b in zip(raw, again))  # seeded
+    for item in raw:  # every drawing shows its shape: some pixels far brighter than the dark background
+        assert item.array.min() >= -1 and item.array.max() <= 1
+        assert (item.array.max(0) > 0.3).sum() >= 4, item.source
+
+    grey = _shapes(shapes_aspect_ratios=[0.5, 2.0], buckets={"enabled": True}, channels=1)
+    assert {item.array.shape[0] for item in grey} == {1} and len({item.array.shape for item in grey}) == 2
+
+
+def test_without_buckets_each_drawing_is_centre_cropped_to_the_square_like_a_file():
+    raw = _shapes(shapes_aspect_ratios=[0.5, 2.0], buckets={"enabled": True})
+    square = _shapes(shapes_aspect_ratios=[0.5, 2.0])
+    for r, s in zip(raw, square):  # the same seeded drawings; the square set is the file rule applied to them
+        assert s.array.shape == (3, 16, 16) and r.label == s.label and r.text == s.text
+        expected = resize_array((r.array.transpose(1, 2, 0) + 1) / 2, 16, 3).transpose(2, 0, 1) * 2 - 1
+        assert np.allclose(s.array, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["[0]", "[]", "[20]"])
+def test_bad_aspect_ratios_name_the_field(value):
+    with pytest.raises(ConfigError, match=r"^config: data\.shapes_aspect_ratios") as err:
+        resolve_config(overrides=["data.source=builtin:shapes", f"data.shapes_aspect_ratios={value}"])
+    assert "\n" not in str(err.value)
