@@ -84,7 +84,7 @@ def run_polled(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return time.perf_counter() - t0, peak / 2**20, out
 
 
-def image_case(n: int, work: Path, s3: bool) -> dict:
+def image_case(n: int, work: Path, s3: bool, extra: list[str]) -> dict:
     from common.storage import RunStore, read_json
 
     src = work / f"img{n}"
@@ -108,7 +108,8 @@ def image_case(n: int, work: Path, s3: bool) -> dict:
     baseline = pil_loop(src, 16)
     cmd = [sys.executable, "-m", "orchestrator", "run", "--run", run, "--preset", "digits", "--until", "cluster", "--quiet",
            "--set", f"data.source={source}", "--set", "data.image_size=16", "--set", "data.channels=3",
-           "--set", "data.label_source=folder", "--set", "data.shard_rows=1024", "--set", "features.pixels_size=4"]
+           "--set", "data.label_source=folder", "--set", "data.shard_rows=1024", "--set", "features.pixels_size=4",
+           *[arg for item in extra for arg in ("--set", item)]]
     wall, rss, _ = run_polled(cmd, env)
     store = RunStore(run)
     prep, clus = read_json(store, "stages/prepare.json"), read_json(store, "stages/cluster.json")
@@ -216,6 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="img2k,img20k,lat100k,lat1m")
     parser.add_argument("--work", default="/tmp/ddm-scale")
+    parser.add_argument("--set", action="append", default=[], help="config override for the image cases")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +229,7 @@ def main() -> None:
         if case.startswith("lat"):
             row = latents_case(size, work)
         else:
-            row = image_case(size, work, s3=case.startswith("s3"))
+            row = image_case(size, work, case.startswith("s3"), args.set)
         row["load_avg_1m"] = round(os.getloadavg()[0], 1)
         row["case_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
