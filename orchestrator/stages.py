@@ -289,6 +289,7 @@ class StageRunner:
             for prefix in job_prefixes(self.store):
                 for item in JOB_OUTPUTS:
                     self.store.delete(f"{prefix}/{item}")
+            self.store.delete("tb")  # the jobs' TensorBoard curves: they describe the training removed
         else:
             for prefix in STAGE_OUTPUTS[stage]:
                 self.store.delete(prefix.rstrip("/"))

@@ -98,3 +98,14 @@ def test_a_non_default_value_the_old_records_lack_is_a_change(tmp_path) -> None:
     _as_older_version(store, "data.holdout_fraction")
     with pytest.raises(StageChanged, match=r"stage prepare .*data.holdout_fraction"):
         StageRunner(store, config).check()
+
+
+def test_redo_train_removes_the_job_outputs_and_their_curves_not_the_partitions(tmp_path) -> None:
+    store = RunStore(str(tmp_path))
+    _commit_all(store, _config(tmp_path))
+    for key in ("experts/00/data/part.safetensors", "experts/00/checkpoints/1.json", "tb/expert-00/events.out.x",
+                "tb/router/events.out.y"):
+        store.write_bytes(key, b"work")
+    StageRunner(store, _config(tmp_path, "training.lr=0.5"), redo="train").run("train", lambda: StageResult())
+    assert store.exists("experts/00/data/part.safetensors") and store.exists("clusters/x")
+    assert not store.exists("experts/00/checkpoints") and not store.list("tb/")
