@@ -10,7 +10,7 @@ import posixpath
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from common.errors import DDMError
 
@@ -55,6 +55,17 @@ class FileRef(BaseModel):
 
 class ShardRef(FileRef):
     rows: int = Field(ge=0)
+    bucket: tuple[int, int] | None = Field(None, description=(
+        "(width, height) in pixels of the aspect-ratio bucket every row of the shard was resized to (data.buckets); "
+        "None = the data.image_size square"))
+
+    @model_serializer(mode="wrap")
+    def _omit_no_bucket(self, handler: Any) -> dict[str, Any]:
+        """Unbucketed refs serialise exactly as before the field existed (manifests keep their bytes)."""
+        out = handler(self)
+        if out.get("bucket") is None:
+            out.pop("bucket", None)
+        return out
 
 
 class RunRecord(Record):
@@ -89,7 +100,9 @@ class PreparedShard(Record):
     plan: str = Field(description="sha256 of everything that decides the shard's bytes: config sections and listing")
     start: int = Field(ge=0)
     stop: int = Field(ge=0)
-    data: ShardRef | None = Field(None, description="None when every item of the range was quarantined")
+    data: ShardRef | None = Field(None, description="None when every item of the range was quarantined, or with buckets")
+    bucket_data: list[ShardRef] = Field(default_factory=list, description=(
+        "data.buckets: one shard per bucket present in the range (data/shards/<i>-<W>x<H>), in bucket order"))
     captions: FileRef | None = None
     keys: FileRef | None = Field(None, description="data/keys/<i>.jsonl: {index, key} per row")
     used: list[int] = Field(default_factory=list, description="listing position of each row, in row order")
@@ -97,6 +110,18 @@ class PreparedShard(Record):
     quarantined: list[tuple[int, str]] = Field(default_factory=list, description="(listing position, reason)")
     shapes: dict[str, list[int]] = Field(default_factory=dict)
     encoder_pid: int = 0
+
+    @model_serializer(mode="wrap")
+    def _omit_no_buckets(self, handler: Any) -> dict[str, Any]:
+        """Unbucketed parts serialise exactly as before `bucket_data` existed."""
+        out = handler(self)
+        if not out.get("bucket_data"):
+            out.pop("bucket_data", None)
+        return out
+
+    def payloads(self) -> list[ShardRef]:
+        """The range's data shards: one, or one per bucket (none when every item was quarantined)."""
+        return [self.data] if self.data is not None else list(self.bucket_data)
 
 
 class DatasetManifest(Record):

@@ -22,7 +22,8 @@ Conversions (documented behaviour, not errors):
 - 16-bit images (I;16, I) are scaled by 1/65535, not clipped at 255, so their contrast survives.
 - channels = 1 uses the ITU-R 601-2 luma of RGB; channels = 3 replicates a grayscale channel.
 - Size: the shorter side is resized (bicubic; JPEG uses draft decoding for speed) to image_size,
-  then the centre square is cropped.
+  then the centre square is cropped. With aspect-ratio buckets (data.buckets) the image is instead
+  scaled to cover its nearest bucket and centre-cropped along one axis only (common/buckets.py).
 - Captions: UTF-8 (a BOM is stripped); undecodable bytes QUARANTINE the item rather than being
   replaced, because a garbled caption is a wrong training pair, and the count is reported.
 """
@@ -35,6 +36,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common.buckets import Bucket, nearest_bucket, resize_plan
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -116,17 +119,44 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _resize_to_bucket(img: Image.Image, buckets: list[Bucket]) -> tuple[Image.Image, Bucket]:
+    """Scale to cover the nearest bucket, then centre-crop the excess along one axis (resize_plan)."""
+    plan = resize_plan(*img.size, nearest_bucket(*img.size, buckets))
+    if plan.resized != img.size:
+        img = img.resize(plan.resized, Image.BICUBIC, reducing_gap=3.0 if img.mode != "F" else None)
+    return img.crop(plan.box), plan.bucket
+
+
 def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray:
     """Bytes -> float32 [size, size, channels] in [0, 1], or raise `Quarantined`."""
+    return _decode(data, size, channels, max_pixels, None)[0]
+
+
+def decode_image_bucketed(data: bytes, buckets: list[Bucket], channels: int, max_pixels: int
+                          ) -> tuple[np.ndarray, Bucket]:
+    """Bytes -> (float32 [height, width, channels] in [0, 1], its bucket (width, height)), or raise `Quarantined`."""
+    return _decode(data, max(max(b) for b in buckets), channels, max_pixels, buckets)
+
+
+def _decode(data: bytes, size: int, channels: int, max_pixels: int, buckets: list[Bucket] | None
+            ) -> tuple[np.ndarray, Bucket | None]:
     if len(data) == 0:
         raise Quarantined("empty_file: 0 bytes")
+    bucket = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/palettes; the outcome is what counts
         try:
             img = _normalise_mode(_open_upright(data, size, max_pixels), channels)
-            img = _resize_crop(img, size)
+            if buckets is None:
+                img = _resize_crop(img, size)
+            else:
+                img, bucket = _resize_to_bucket(img, buckets)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the stage
             raise _classify(exc) from None
+    return _to_array(img, channels), bucket
+
+
+def _to_array(img: Image.Image, channels: int) -> np.ndarray:
     if img.mode == "F":
         arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[..., None]
     else:
@@ -144,6 +174,20 @@ def resize_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
                   for c in range(arr.shape[-1])]
         arr = np.clip(np.stack(planes, -1), 0.0, 1.0)
     return to_channels(arr, channels)
+
+
+def bucket_array(arr: np.ndarray, buckets: list[Bucket], channels: int) -> tuple[np.ndarray, Bucket]:
+    """Float [H, W, C] in [0, 1] (built-in sources) -> ([height, width, channels], bucket), same rules as files."""
+    h, w = arr.shape[:2]
+    plan = resize_plan(w, h, nearest_bucket(w, h, buckets))
+    if plan.resized != (w, h) or plan.bucket != (w, h):
+        planes = []
+        for c in range(arr.shape[-1]):
+            img = Image.fromarray(arr[..., c].astype(np.float32), mode="F")
+            img = img.resize(plan.resized, Image.BICUBIC) if plan.resized != (w, h) else img
+            planes.append(np.asarray(img.crop(plan.box)))
+        arr = np.clip(np.stack(planes, -1), 0.0, 1.0)
+    return to_channels(arr, channels), plan.bucket
 
 
 def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:

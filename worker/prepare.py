@@ -14,6 +14,8 @@ Store layout written here (docs/data_plane.md):
                                       labels [N] i64 (-1 = unlabelled), index [N] i64 (listing
                                       position), thumbs [N,h,w,c] u8, text_pooled [N,Dt] /
                                       text_tokens [N,L,Dt] with a text encoder
+    data/shards/<i:05d>-<W>x<H>.safetensors  the same, with data.buckets: the rows of range i in bucket
+                                      W x H pixels (one shard per bucket present; a shard never mixes shapes)
     data/captions/<i:05d>.jsonl       {"index", "caption"} per row, when data.captions
     data/keys/<i:05d>.jsonl           {"index", "key"} per row: the source key (relative path, shard:member or
                                       builtin#i), so every partition row traces back to its file
@@ -41,6 +43,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common.buckets import Bucket
 from common.config import ConfigError, RunConfig
 from common.errors import DataError
 from common.manifests import DatasetManifest, FileRef, PreparedShard, QuarantineEntry, ShardRef, StageResult
@@ -67,7 +70,39 @@ def plan_id(config: RunConfig, items: list[Item], source_fingerprint: str | None
     return h.hexdigest()
 
 
-def fit_pca(config: RunConfig, found: Discovery) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+def vae_factor(config: RunConfig) -> int:
+    """Pixels per latent cell along each side: 1 in pixel space, 2^(down blocks - 1) for a diffusers VAE."""
+    if config.latents.encoder != "vae":
+        return 1
+    cfg = vae_config(config.latents.model, config.latents.subfolder)  # type: ignore[arg-type]
+    return 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+
+
+def run_buckets(config: RunConfig) -> list[Bucket] | None:
+    """The bucket set when data.buckets.enabled (sides multiples of VAE factor x patch size), else None."""
+    if not config.data.buckets.enabled:
+        return None
+    try:
+        return config.bucket_sizes(vae_factor(config))
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def bucket_summary(shards: list[ShardRef], latent_channels: int, factor: int) -> list[dict[str, Any]]:
+    """Per bucket present (bucket order): its pixel size, latent shape, rows and shards."""
+    out: dict[Bucket, dict[str, Any]] = {}
+    for ref in shards:
+        assert ref.bucket is not None
+        w, h = ref.bucket
+        entry = out.setdefault(ref.bucket, {"bucket": [w, h], "latent_shape": [latent_channels, h // factor, w // factor],
+                                            "rows": 0, "shards": 0})
+        entry["rows"] += ref.rows
+        entry["shards"] += 1
+    return [out[b] for b in sorted(out, key=lambda b: (b[0] / b[1], b[0]))]
+
+
+def fit_pca(config: RunConfig, found: Discovery, buckets: list[Bucket] | None = None
+            ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
     """PCA of pixel features on the first PCA_FIT_ROWS decodable items (listing order), fitted once on
     the driver before any shard is written, so every worker projects with the same basis."""
     dim = config.features.pca_dim if config.features.extractor == "pixels" else None
@@ -78,9 +113,10 @@ def fit_pca(config: RunConfig, found: Discovery) -> tuple[tuple[np.ndarray, np.n
     for a in range(0, len(found.items), config.data.shard_rows):
         if rows >= PCA_FIT_ROWS:
             break
-        decoded = decode_items(0, a, found.items[a:a + config.data.shard_rows], found.fs, config.data)
-        feats.append(pixels(torch.from_numpy(decoded.pixels)).double())
-        rows += len(decoded.pixels)
+        decoded = decode_items(0, a, found.items[a:a + config.data.shard_rows], found.fs, config.data, buckets)
+        for _, _, group in decoded.groups():  # features are one fixed-size vector per image, whatever its bucket
+            feats.append(pixels(torch.from_numpy(group)).double())
+            rows += len(group)
     x = torch.cat(feats)[:PCA_FIT_ROWS]
     mean = x.mean(0)
     var, vecs = torch.linalg.eigh((x - mean).T @ (x - mean))     # D x D covariance: cheap for pixel features
@@ -109,7 +145,7 @@ def encoder_pool(config: RunConfig, pending: int) -> tuple[int, dict[str, float]
 
 
 def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: list[int], plan: str,
-               pca: tuple[np.ndarray, np.ndarray] | None) -> Iterator[PreparedShard]:
+               pca: tuple[np.ndarray, np.ndarray] | None, buckets: list[Bucket] | None = None) -> Iterator[PreparedShard]:
     """Decode, encode and write the pending shards; yields each worker's record (in completion order)."""
     import ray
 
@@ -119,7 +155,7 @@ def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: li
     if not ray.is_initialized() or len(pending) < 2 or store.protocol == "memory":
         encoder = ShardEncoder(*encoder_args)
         for i in pending:
-            yield encoder.write(decode_items(i, i * R, items[i * R:(i + 1) * R], found.fs, config.data))
+            yield encoder.write(decode_items(i, i * R, items[i * R:(i + 1) * R], found.fs, config.data, buckets))
         return
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -128,7 +164,7 @@ def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: li
     log.info("prepare: %d shards on Ray Data, %d encoder actor(s) %s", len(pending), n, resources)
     rows = [{"shard": i, "start": i * R, "items": pickle.dumps(items[i * R:(i + 1) * R])} for i in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"fs": found.fs, "data": config.data},
+    ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"fs": found.fs, "data": config.data, "buckets": buckets},
                         num_cpus=config.prepare.decode_cpus)
     pool = ActorPoolStrategy(min_size=1, max_size=n, max_tasks_in_flight_per_actor=1) if config.prepare.use_gpu \
         else ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1)
@@ -151,7 +187,7 @@ def kept_parts(store: RunStore, plan: str) -> dict[int, PreparedShard]:
     if not kept:
         store.delete("data")
         return kept
-    keep = {part_key(i) for i in kept} | {r.path for p in kept.values() for r in (p.data, p.captions, p.keys) if r}
+    keep = {part_key(i) for i in kept} | {r.path for p in kept.values() for r in (*p.payloads(), p.captions, p.keys) if r}
     for key in store.list("data"):
         if key not in keep and "-dedup." not in key:  # dedup rewrites are reproduced byte for byte
             store.delete(key)
@@ -176,19 +212,29 @@ def drop_duplicates(config: RunConfig, store: RunStore, parts: list[PreparedShar
                 quarantined.append((pos, f"duplicate: same sha256 as {items[first[digest]].source}"))
             elif digest:
                 first.setdefault(digest, pos)
-        if part.data is None or len(drop) == part.data.rows:
+        payloads = part.payloads()
+        if not payloads or len(drop) == sum(r.rows for r in payloads):
             continue
-        out.append((part.data, part.captions, part.keys) if not drop else _rewrite(store, part, drop))
+        if drop:
+            out += _rewrite(store, part, drop)
+        else:  # the range's sidecars (keyed by row index) go with its first shard
+            out += [(ref, part.captions, part.keys) if j == 0 else (ref, None, None) for j, ref in enumerate(payloads)]
     return out, sorted(quarantined)
 
 
-def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> Final:
-    """Shard `part` (and its sidecars) without the rows at listing positions `drop`, as <i>-dedup (rare)."""
-    assert part.data is not None
-    tensors = st_load(store.get_payload(part.data))
-    keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
-    tensors = {k: v[keep].contiguous() for k, v in tensors.items()}
-    ref = store.put_payload(f"data/shards/{part.shard:05d}-dedup.safetensors", st_save(tensors))
+def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> list[Final]:
+    """The shard(s) of `part` (and its sidecars) without the rows at listing positions `drop`, as
+    <i>-dedup or <i>-<W>x<H>-dedup (rare); a bucket shard left with no row is dropped."""
+    out: list[Final] = []
+    for src in part.payloads():
+        tensors = st_load(store.get_payload(src))
+        keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
+        if not keep.any():
+            continue
+        tensors = {k: v[keep].contiguous() for k, v in tensors.items()}
+        name = f"{part.shard:05d}" if src.bucket is None else f"{part.shard:05d}-{src.bucket[0]}x{src.bucket[1]}"
+        ref = store.put_payload(f"data/shards/{name}-dedup.safetensors", st_save(tensors))
+        out.append((ShardRef(**ref.model_dump(), rows=int(keep.sum()), bucket=src.bucket), None, None))
 
     def sidecar(src: FileRef | None, folder: str) -> FileRef | None:
         if src is None:
@@ -196,7 +242,8 @@ def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> Final:
         lines = [ln for ln in store.get_payload(src).decode().splitlines(True) if json.loads(ln)["index"] not in drop]
         return store.put_payload(f"data/{folder}/{part.shard:05d}-dedup.jsonl", "".join(lines).encode())
 
-    return ShardRef(**ref.model_dump(), rows=int(keep.sum())), sidecar(part.captions, "captions"), sidecar(part.keys, "keys")
+    out[0] = (out[0][0], sidecar(part.captions, "captions"), sidecar(part.keys, "keys"))
+    return out
 
 
 # ---- held-out evaluation split (self-contained: a row's membership depends on its index alone) ----------
@@ -224,7 +271,7 @@ def write_holdout(store: RunStore, shards: list[ShardRef], fraction: float, seed
         if mask.any():
             part = {k: v[mask].contiguous() for k, v in tensors.items()}
             out = store.put_payload(f"data/holdout/{i:05d}.safetensors", st_save(part))
-            refs.append(ShardRef(**out.model_dump(), rows=int(mask.sum())).model_dump())
+            refs.append(ShardRef(**out.model_dump(), rows=int(mask.sum()), bucket=ref.bucket).model_dump())
             rows += int(mask.sum())
     return {"fraction": fraction, "seed": seed, "rows": rows, "shards": refs,
             "rule": "worker.prepare.heldout_mask(index, fraction, seed)"}
@@ -239,13 +286,14 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     listed = time.perf_counter()
     plan = plan_id(config, items, source_fingerprint)
     kept = kept_parts(store, plan)
+    buckets = run_buckets(config)
     pending = [i for i in range(-(-len(items) // R)) if i not in kept]
     if kept:
         log.info("prepare: resuming, %d of %d shards already committed", len(kept), len(kept) + len(pending))
-    pca, pca_info = fit_pca(config, found)
+    pca, pca_info = fit_pca(config, found, buckets)
     parts = dict(kept)
     first = last = time.perf_counter()
-    for done, part in enumerate(run_shards(config, store, found, pending, plan, pca), 1):
+    for done, part in enumerate(run_shards(config, store, found, pending, plan, pca, buckets), 1):
         parts[part.shard] = part
         first, last = (time.perf_counter() if done == 1 else first), time.perf_counter()
         if done % 10 == 0 or done == len(pending):
@@ -272,6 +320,9 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     extra["keys"] = [k.model_dump() for _, _, k in shards if k is not None]
     extra["holdout"] = write_holdout(store, [s for s, _, _ in shards], config.data.holdout_fraction, config.seed)
     shape = next(p.shapes for p in ordered if p.shapes)
+    if buckets is not None:  # per-bucket rows; the dataset's latent shape is the most populous bucket's
+        extra["buckets"] = bucket_summary([s for s, _, _ in shards], shape["latents"][0], vae_factor(config))
+        shape = {**shape, "latents": max(extra["buckets"], key=lambda b: b["rows"])["latent_shape"]}
     labels_known = config.data.label_source != "none"
     manifest = DatasetManifest(
         source=config.data.source, discovered=len(items), used=used, quarantined=len(quarantine),

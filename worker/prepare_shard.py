@@ -31,9 +31,12 @@ def part_key(i: int) -> str:
     return f"data/parts/{i:05d}.json"
 
 
-def thumbnails(x: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, h, w, C], at most THUMB_SIZE pixels a side."""
-    if x.shape[-1] > THUMB_SIZE:
+def thumbnails(x: torch.Tensor, square: int | None = None) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, h, w, C], at most THUMB_SIZE pixels a side. `square` (bucketed
+    shards): every thumbnail is min(square, THUMB_SIZE) pixels square, so grids of any bucket tile alike."""
+    if square is not None:
+        x = F.interpolate(x, size=(min(square, THUMB_SIZE),) * 2, mode="area")
+    elif x.shape[-1] > THUMB_SIZE:
         x = F.interpolate(x, size=(THUMB_SIZE, THUMB_SIZE), mode="area")
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -55,17 +58,20 @@ class ShardEncoder:
         return {"shard": batch["shard"], "record": np.array(records, dtype=object)}
 
     @torch.no_grad()  # scoped, not global: this also runs inside the driver's process
-    def encode(self, decoded: DecodedShard) -> dict[str, torch.Tensor]:
-        x = torch.from_numpy(decoded.pixels)
-        arrays = {k: torch.from_numpy(v) for k, v in self.encoders(x, decoded.captions).items()}
+    def encode(self, decoded: DecodedShard, rows: np.ndarray, pixels: np.ndarray, bucketed: bool
+               ) -> dict[str, torch.Tensor]:
+        """The tensors of the used rows `rows` (positions among them), whose pixels are `pixels`."""
+        x = torch.from_numpy(pixels)
+        captions = [decoded.captions[j] for j in rows] if decoded.captions else decoded.captions
+        arrays = {k: torch.from_numpy(v) for k, v in self.encoders(x, captions).items()}
         if self.pca is not None:
             mean, proj = (torch.from_numpy(a) for a in self.pca)
             arrays["features"] = (arrays["features"] - mean) @ proj
         if self.latents_cfg.store_dtype == "bf16":
             arrays["latents"] = arrays["latents"].to(torch.bfloat16)
-        arrays["thumbs"] = torch.from_numpy(thumbnails(x))
-        arrays["labels"] = torch.from_numpy(decoded.labels)
-        arrays["index"] = torch.tensor(decoded.used, dtype=torch.int64)
+        arrays["thumbs"] = torch.from_numpy(thumbnails(x, self.data.image_size if bucketed else None))
+        arrays["labels"] = torch.from_numpy(decoded.labels[rows])
+        arrays["index"] = torch.tensor(decoded.used, dtype=torch.int64)[torch.from_numpy(rows)]
         return arrays
 
     def write(self, decoded: DecodedShard) -> PreparedShard:
@@ -74,10 +80,15 @@ class ShardEncoder:
                                digests=decoded.digests, encoder_pid=os.getpid(),
                                quarantined=[(decoded.start + j, r) for j, r in enumerate(decoded.reasons) if r])
         if len(decoded.used):
-            arrays = {k: v.contiguous() for k, v in self.encode(decoded).items()}
-            record.shapes = {k: list(v.shape[1:]) for k, v in arrays.items()}
-            ref = self.store.put_payload(f"data/shards/{i:05d}.safetensors", st_save(arrays))
-            record.data = ShardRef(**ref.model_dump(), rows=len(decoded.used))
+            for bucket, rows, pixels in decoded.groups():  # one group, or one per bucket: a shard never mixes shapes
+                arrays = {k: v.contiguous() for k, v in self.encode(decoded, rows, pixels, bucket is not None).items()}
+                record.shapes = record.shapes or {k: list(v.shape[1:]) for k, v in arrays.items()}
+                if bucket is None:
+                    ref = self.store.put_payload(f"data/shards/{i:05d}.safetensors", st_save(arrays))
+                    record.data = ShardRef(**ref.model_dump(), rows=len(decoded.used))
+                else:
+                    ref = self.store.put_payload(f"data/shards/{i:05d}-{bucket[0]}x{bucket[1]}.safetensors", st_save(arrays))
+                    record.bucket_data.append(ShardRef(**ref.model_dump(), rows=len(rows), bucket=bucket))
             keys = "".join(json.dumps({"index": j, "key": k}) + "\n" for j, k in zip(decoded.used, decoded.sources))
             record.keys = self.store.put_payload(f"data/keys/{i:05d}.jsonl", keys.encode())
             if self.data.captions:
