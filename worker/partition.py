@@ -9,7 +9,9 @@ Store layout written here:
     clusters/report.json, sizes.png, cluster_<k:02d>.png (thumbnail grid per cluster)
     clusters/clusters.json                ClusterManifest (committed after the above)
     experts/<k:02d>/data/<i:05d>.safetensors   training rows of data shard i in cluster k (skipped when none);
-                                          `index` maps each row to its source key (data/keys/<i>.jsonl)
+                                          `index` maps each row to its source key (data/keys/<i>.jsonl);
+                                          with data.buckets it keeps shard i's bucket (ShardRef.bucket), so
+                                          every partition is grouped by bucket and the loader batches per bucket
     experts/<k:02d>/manifest.json         ExpertManifest, committed after its shards
     router/manifest.json                  RouterManifest: every expert shard + its constant-cluster file
 
@@ -131,7 +133,7 @@ def assign_shard(store: RunStore, ds: DatasetManifest, i: int, k: int, metric: s
             continue
         part = {name: v[rows].contiguous() for name, v in tensors.items()}
         eref = store.put_payload(f"{expert_prefix(e)}/data/{i:05d}.safetensors", save_safetensors(part))
-        out.experts[e] = ShardRef(**eref.model_dump(), rows=len(rows))
+        out.experts[e] = ShardRef(**eref.model_dump(), rows=len(rows), bucket=ref.bucket)  # the loader batches per bucket
         rref = store.put_payload(f"clusters/router/{e:02d}-{i:05d}.safetensors",
                                  save_safetensors({"cluster": torch.full((len(rows),), e, dtype=torch.long)}))
         out.router[e] = ShardRef(**rref.model_dump(), rows=len(rows))
