@@ -156,9 +156,13 @@ class PartitionStream:
         parts = []
         for s in shard_ids:
             t = read_tensors(self.store, self.shards[s], ("latents", "labels"), ("text_tokens",))
-            if list(t["latents"].shape[1:]) != list(self.latent_shape):
-                raise ManifestError(f"{self.manifest_key}: {self.shards[s].path} holds latents "
-                                    f"{list(t['latents'].shape[1:])}, manifest says {self.latent_shape}")
+            got, bucket = list(t["latents"].shape[1:]), self.shards[s].bucket
+            # a bucketed shard holds its bucket's grid: the channels must agree, and one window holds one bucket
+            want = list(self.latent_shape) if bucket is None else [self.latent_shape[0], *(parts[0]["latents"].shape[2:]
+                                                                                          if parts else got[1:])]
+            if got != want:
+                raise ManifestError(f"{self.manifest_key}: {self.shards[s].path} holds latents {got}, "
+                                    f"{'manifest says' if bucket is None else 'expected'} {want}")
             if self.assignments is not None:
                 cluster = read_tensors(self.store, self.assignments[s], ("cluster",))["cluster"].long()
                 if len(cluster) and (cluster.min() < 0 or cluster.max() >= self.num_experts):
@@ -173,6 +177,10 @@ class PartitionStream:
                seed: int, depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:
         """This worker's rows of each step from `start_nimg` on. A background thread gathers each step
         (and copies it to the device) while the next window is read, so the accelerator never waits."""
+        if any(s.bucket is not None for s in self.shards):  # aspect-ratio buckets: one bucket per batch
+            from worker.bucket_data import stream_buckets
+            yield from stream_buckets(self, start_nimg, end_nimg, batch, positions, device, seed, depth)
+            return
         order = WindowOrder([r.rows for r in self.shards], seed, self.window_rows)
         listed = sum(r.rows for r in self.shards)
         q: queue.Queue = queue.Queue(maxsize=depth)

@@ -184,10 +184,11 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     mb = _micro_batch(job, model, data, device, world)
     parts = StepParts(model, ema, opt, *wrap_for_training(model, device, tc, world), device, tc, world)
     pos = worker_positions(job.batch, mb, rank, world).to(device)
-    accum, shape, null = job.batch // (mb * world), data.latent_shape, model.config.num_classes
+    accum, null = job.batch // (mb * world), model.config.num_classes
     meter = _Meter(job, model, device, rank, nimg)
     for batch in data.stream(nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device, job.seed):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
+        shape = list(batch["x0"].shape[1:])  # the step's grid: with aspect-ratio buckets, its bucket's
         t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
         micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
         lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
