@@ -1,0 +1,181 @@
+"""Aspect-ratio buckets through prepare, cluster, the loader and training, in-process (no Ray) on
+builtin:shapes drawn at three aspect ratios."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+
+from common.buckets import nearest_bucket
+from common.manifests import DatasetManifest, ExpertManifest, RouterManifest
+from common.presets import shapes
+from common.storage import RunStore
+from worker.bucket_data import BucketOrder
+from worker.checkpoint import load_export
+from worker.data import open_partition
+from worker.partition import cluster_data
+from worker.prepare import prepare_data
+from worker.sources import discover
+from worker.train import expert_job, job_store, router_job, train
+
+torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads only spin
+BATCH = 16  # per expert: global batch 64 over K = 4
+
+
+def _config():
+    cfg = shapes()
+    cfg.data.gmm_items, cfg.data.shard_rows, cfg.data.captions = 300, 128, False
+    cfg.data.shapes_aspect_ratios = [0.5, 1.0, 2.0]
+    cfg.data.buckets = {"enabled": True, "max_aspect": 2.5}
+    cfg.training.global_batch, cfg.training.total_nimg = 4 * BATCH, 4 * 24 * BATCH
+    cfg.training.checkpoint_every_nimg, cfg.training.log_every_nimg, cfg.training.sample_every_nimg = 128, 128, 192
+    cfg.router.training.global_batch, cfg.router.training.total_nimg = 32, 8 * 32
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared_root(tmp_path_factory):
+    """A prepared and clustered bucketed run (read-only for the tests; copy it to train)."""
+    root = tmp_path_factory.mktemp("bucketed") / "run"
+    store = RunStore(str(root))
+    prepare_data(_config(), store)
+    cluster_data(_config(), store)
+    return root
+
+
+@pytest.fixture
+def prepared(prepared_root) -> RunStore:
+    return RunStore(str(prepared_root))
+
+
+def test_prepare_resizes_each_image_to_its_nearest_bucket_and_counts_rows_per_bucket(prepared):
+    cfg = _config()
+    ds = prepared.read_record("data/dataset.json", DatasetManifest)
+    buckets = cfg.bucket_sizes(vae_factor=1)
+    assert buckets == [(12, 20), (16, 16), (20, 12)]
+    summary = ds.extra["buckets"]
+    assert [b["bucket"] for b in summary] == [[12, 20], [16, 16], [20, 12]]
+    assert [b["latent_shape"] for b in summary] == [[3, 20, 12], [3, 16, 16], [3, 12, 20]]
+    assert sum(b["rows"] for b in summary) == ds.used == 300
+    assert all(b["rows"] > 50 for b in summary)
+    assert ds.latent_shape == max(summary, key=lambda b: b["rows"])["latent_shape"]
+
+    items = discover(cfg.data, cfg.seed).items
+    rows_per_bucket: dict[tuple[int, int], int] = {}
+    for ref in ds.shards:  # one shape per shard; each row in the bucket nearest to its source's aspect ratio
+        tensors = load(prepared.get_payload(ref))
+        w, h = ref.bucket
+        assert tuple(tensors["latents"].shape[1:]) == (3, h, w), ref.path
+        assert ref.path.endswith(f"-{w}x{h}.safetensors")
+        assert tensors["features"].shape[1:] == (32,)  # one fixed-size vector per image: k-means is unchanged
+        for i in tensors["index"].tolist():
+            _, ih, iw = items[i].array.shape
+            assert nearest_bucket(iw, ih, buckets) == (w, h)
+        rows_per_bucket[(w, h)] = rows_per_bucket.get((w, h), 0) + ref.rows
+    assert [rows_per_bucket[tuple(b["bucket"])] for b in summary] == [b["rows"] for b in summary]
+
+
+def test_partitions_keep_buckets_and_the_loader_never_mixes_shapes(prepared):
+    manifest = prepared.read_record("experts/00/manifest.json", ExpertManifest)
+    assert {s.bucket for s in manifest.shards} == {(12, 20), (16, 16), (20, 12)}
+    router = prepared.read_record("router/manifest.json", RouterManifest)
+    assert all(s.bucket is not None for s in router.shards)
+
+    part = open_partition(prepared, "experts/00/manifest.json", "expert", window_rows=16)
+    order = BucketOrder([s.bucket for s in part.shards], [s.rows for s in part.shards], 7, 16, BATCH)
+    steps = 3 * order.steps  # three epochs
+    seen = []
+    for n, batch in enumerate(part.stream(0, steps * BATCH, BATCH, torch.arange(BATCH), torch.device("cpu"), seed=7)):
+        j, _ = order.step(n * BATCH)
+        w, h = order.buckets[j]
+        assert batch["x0"].shape == (BATCH, 3, h, w) and batch["labels"].shape == (BATCH,)
+        seen.append(j)
+    # every bucket is visited ceil(rows / batch) times per epoch
+    per_epoch = [-(-n // BATCH) for n in order.rows]
+    assert [seen.count(j) for j in range(3)] == [3 * c for c in per_epoch]
+    assert part.stats["peak_resident_rows"] <= 3 * 2 * (16 + max(s.rows for s in part.shards))
+
+
+def test_every_row_of_a_bucket_is_visited_each_epoch():
+    order = BucketOrder([(8, 4)] * 3 + [(4, 8)] * 2, [30, 25, 7, 40, 1], seed=3, window_rows=20, batch=8)
+    for epoch in range(3):
+        visits: dict[int, list[int]] = {0: [], 1: []}
+        for s in range(order.steps):
+            j, segments = order.step((epoch * order.steps + s) * 8)
+            starts = order.orders[j].windows(epoch)[1]
+            for e, w, _, rows in segments:
+                assert e == epoch
+                visits[j] += (rows + starts[w]).tolist()
+        for j, n in enumerate(order.rows):
+            assert sorted(set(visits[j])) == list(range(n))          # none skipped
+            assert len(visits[j]) == -(-n // 8) * 8                   # the last batch filled up from the start
+
+
+def test_bucket_choice_follows_the_rows_left_in_the_epoch():
+    batch = 10
+    order = BucketOrder([(8, 4), (4, 4), (4, 8)], [1000, 300, 50], seed=11, window_rows=10_000, batch=batch)
+    rows = order.rows  # in bucket order: tallest first
+    assert rows == [50, 300, 1000]
+    epochs = 400
+    first = np.zeros(3)
+    surprise, variance = np.zeros(3), np.zeros(3)
+    for epoch in range(epochs):
+        left = np.array(rows, dtype=float)
+        for s, (j, _) in enumerate(order.schedule(epoch)):
+            p = left / left.sum()
+            if s == 0:
+                first[j] += 1
+            chosen = np.eye(3)[j]
+            surprise += chosen - p          # sums to ~0 when each draw follows the rows left
+            variance += p * (1 - p)
+            left[j] -= min(batch, left[j])
+    z = surprise / np.sqrt(variance)
+    assert np.all(np.abs(z) < 4), z
+    # the first step of an epoch: probability rows / total (a uniform choice would give 1/3 each)
+    expected = np.array(rows) / sum(rows)
+    assert np.all(np.abs(first / epochs - expected) < 4 * np.sqrt(expected * (1 - expected) / epochs)), first
+
+
+def test_order_is_a_pure_function_of_seed_and_nimg():
+    a = BucketOrder([(8, 4), (4, 8)], [50, 20], seed=5, window_rows=16, batch=8)
+    b = BucketOrder([(8, 4), (4, 8)], [50, 20], seed=5, window_rows=16, batch=8)
+    for nimg in [8 * 40, 0, 8 * 3, 8 * 17]:  # any order of queries, a fresh object: the same answer
+        ja, sa = a.step(nimg)
+        jb, sb = b.step(nimg)
+        assert ja == jb and all(x[:2] == y[:2] and torch.equal(x[3], y[3]) for x, y in zip(sa, sb))
+    with pytest.raises(ValueError, match="not a multiple of the batch 8"):
+        a.step(4)
+
+
+def test_bucketed_training_resumes_bit_exactly(prepared_root, tmp_path):
+    """In-process mirror of the SIGKILL test with buckets on: stop mid-run, resume, compare with a straight run."""
+    cfg = _config()
+    straight, stopped = (RunStore(str(shutil.copytree(prepared_root, tmp_path / d))) for d in ("straight", "stopped"))
+    job = expert_job(cfg, 0, cfg.islands.pool[0])
+    assert job.batch == BATCH
+    train(job, job_store(straight, job))
+    half = job.model_copy(update={"training": job.training.model_copy(update={"duration_nimg": 12 * BATCH})})
+    train(half, job_store(stopped, half))
+    stopped.delete("experts/00/export.json")
+    train(job, job_store(stopped, job))
+    a, b = load_export(straight, "experts/00")[0], load_export(stopped, "experts/00")[0]
+    assert math.isfinite(sum(p.abs().sum().item() for p in a.parameters()))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    # the exported DiT runs at every bucket's grid
+    for h, w in [(20, 12), (16, 16), (12, 20)]:
+        out = a(torch.zeros(2, 3, h, w), torch.full((2,), 0.5), torch.tensor([0, 1]))
+        assert out.shape == (2, 3, h, w)
+
+
+def test_the_router_trains_on_bucketed_batches(prepared_root, tmp_path):
+    cfg = _config()
+    store = RunStore(str(shutil.copytree(prepared_root, tmp_path / "router")))
+    job = router_job(cfg, cfg.islands.pool[0])
+    record = train(job, job_store(store, job))
+    assert record.nimg == cfg.router.training.total_nimg
