@@ -91,8 +91,18 @@ def collect_status(store: RunStore) -> dict:
         stage_view[name] = {"done": True, **stages[name], "damaged": _size_problems(sizes, outputs)}
     ensemble = ensemble_problems(store, sizes) if store.exists("ensemble.json") else None
     return {"run": store.url, "name": run.name, "code_version": run.code_version, "created_at": run.created_at,
-            "stages": stage_view, "jobs": jobs, "ensemble": ensemble == [],
+            "stages": stage_view, "jobs": jobs, "buckets": _bucket_rows(store),
+            "ensemble": ensemble == [],
             "ensemble_damaged": ensemble or [], "driver": read_lease(store)}
+
+
+def _bucket_rows(store: RunStore) -> list[dict]:
+    """Per aspect-ratio bucket of a bucketed dataset: {bucket, latent_shape, rows, shards}; [] without buckets."""
+    try:
+        ds = store.read_record("data/dataset.json", DatasetManifest)
+    except ManifestError:
+        return []
+    return list((ds.extra.get("buckets") if ds else None) or [])
 
 
 def _size_problems(sizes: dict[str, int], refs) -> list[str]:
@@ -111,6 +121,11 @@ def format_status(status: dict) -> str:
                 lines.append(f"      DAMAGED: {'; '.join(stage['damaged'][:3])} (ddm verify {status['run']})")
         else:
             lines.append(f"  {name:<8} pending")
+    if status.get("buckets"):
+        total = sum(b["rows"] for b in status["buckets"])
+        lines.append("buckets (width x height: rows):")
+        lines += [f"  {b['bucket'][0]:>5}x{b['bucket'][1]:<5} {b['rows']:>10,}  {b['rows'] / total:6.1%}  "
+                  f"latent {'x'.join(map(str, b['latent_shape']))}" for b in status["buckets"]]
     if status["jobs"]:
         lines.append("jobs:")
         lines.append(f"  {'job':<11} {'island':<10} {'state':<11} {'images seen':>21} {'loss':>8} {'ckpt':>9} "
@@ -151,7 +166,8 @@ def expert_files(store: RunStore, expert: int) -> list[str]:
                          f"(no expert {expert}, or the cluster stage has not run)")
     ds = store.read_record("data/dataset.json", DatasetManifest)
     sidecars = (ds.extra.get("keys") if ds else None) or []
-    if ds is None or len(sidecars) != len(ds.shards):
+    bucketed = ds is not None and "buckets" in ds.extra  # one keys sidecar per listing range, several shards each
+    if ds is None or (len(sidecars) != len(ds.shards) and not bucketed):
         raise UsageError(f"{store.url}/data/dataset.json: no per-row source keys (prepared by an older "
                          f"version); rerun the prepare stage")
     index = []
@@ -161,6 +177,12 @@ def expert_files(store: RunStore, expert: int) -> list[str]:
     rows = np.sort(np.concatenate(index)) if index else np.zeros(0, dtype=np.int64)
     starts = np.cumsum([0] + [s.rows for s in ds.shards])
     keys: list[str] = []
+    if bucketed:
+        wanted = set(rows.tolist())
+        for sidecar in sidecars:
+            keys += [e["key"] for e in map(json.loads, store.get_payload(FileRef(**sidecar)).decode().splitlines())
+                     if e["index"] in wanted]
+        return keys
     for i in np.unique(np.searchsorted(starts, rows, side="right") - 1):
         wanted = set(rows[(rows >= starts[i]) & (rows < starts[i + 1])].tolist())
         for line in store.get_payload(FileRef(**sidecars[i])).decode().splitlines():

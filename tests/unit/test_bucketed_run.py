@@ -179,3 +179,22 @@ def test_the_router_trains_on_bucketed_batches(prepared_root, tmp_path):
     job = router_job(cfg, cfg.islands.pool[0])
     record = train(job, job_store(store, job))
     assert record.nimg == cfg.router.training.total_nimg
+
+
+def test_status_shows_rows_per_bucket_and_expert_files_trace_bucketed_rows(prepared_root, tmp_path):
+    from common.manifests import RunRecord
+    from orchestrator.status import collect_status, expert_files, format_status
+
+    store = RunStore(str(shutil.copytree(prepared_root, tmp_path / "status")))
+    store.commit("run.json", RunRecord(name="b", config={}, config_fingerprint="f", code_version="x", created_at="now"))
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    status = collect_status(store)
+    assert status["buckets"] == ds.extra["buckets"]
+    text = format_status(status)
+    for b in ds.extra["buckets"]:
+        assert f"{b['bucket'][0]}x{b['bucket'][1]}" in text and f"{b['rows']:>10,}" in text
+    manifest = store.read_record("experts/01/manifest.json", ExpertManifest)
+    files = expert_files(store, 1)
+    assert len(files) == manifest.rows and all(f.startswith("builtin:shapes#") for f in files)
+    index = sorted(i for ref in manifest.shards for i in load(store.get_payload(ref))["index"].tolist())
+    assert sorted(int(f.split("#")[1]) for f in files) == index
