@@ -4,7 +4,10 @@ Experts share one budget, `training.total_nimg`, split evenly over K (unless the
 `training.duration_nimg` is set), and the global batch is split over K too, so K = 1 and K = 8 train on
 the same number of images with the same FLOPs per image: FLOP matching by construction (paper §4.1).
 Training FLOPs are estimated as 3 x forward FLOPs per image x images (forward + backward), the same
-estimate the training loop's MFU uses.
+estimate the training loop's MFU uses. Images and tokens are both reported: with aspect-ratio buckets
+(data.buckets) an image's tokens, (H / p) x (W / p), depend on its bucket, so the FLOPs lie between those
+of the bucket with the fewest tokens and the one with the most (where in that range depends on the rows
+per bucket, known after prepare: `ddm status`).
 """
 
 from __future__ import annotations
@@ -31,14 +34,37 @@ def forward_flops(model: ModelConfig, shape: list[int]) -> float:
     return dit_forward_flops(dims["width"], dims["depth"], tuple(shape[1:]), model.patch_size, shape[0])
 
 
+def tokens(shape: list[int], patch: int) -> int:
+    """Tokens of one image: (H / p) x (W / p) latent patches."""
+    return (shape[1] // patch) * (shape[2] // patch)
+
+
+def bucket_costs(config: RunConfig) -> list[dict[str, Any]]:
+    """Per bucket (data.buckets.enabled): pixels, latent shape, expert tokens and expert training FLOPs per image."""
+    if not config.data.buckets.enabled:
+        return []
+    factor = 1 if config.latents.encoder == "identity" else VAE_DOWNSAMPLE
+    channels = latent_shape(config)[0]
+    out = []
+    for w, h in config.bucket_sizes(factor):
+        shape = [channels, h // factor, w // factor]
+        out.append({"bucket": [w, h], "latent_shape": shape, "tokens": tokens(shape, config.model.patch_size),
+                    "train_flops_per_image": 3 * forward_flops(config.model, shape)})
+    return out
+
+
 def training_budget(config: RunConfig) -> dict[str, Any]:
-    """Per-expert and total images, optimizer steps and estimated training FLOPs (experts, router)."""
+    """Per-expert and total images and tokens, optimizer steps and estimated training FLOPs (experts, router)."""
     k, shape = config.clustering.num_experts, latent_shape(config)
     per_expert, batch = config.expert_nimg, config.expert_batch
     expert_flops = 3 * forward_flops(config.model, shape)
     router_batch = config.router.training.global_batch
     router_flops = 3 * forward_flops(config.router.model, shape)
+    buckets = bucket_costs(config)
     return {
+        "tokens_per_image": tokens(shape, config.model.patch_size),
+        "experts_total_tokens": tokens(shape, config.model.patch_size) * per_expert * k,
+        "buckets": buckets,
         "rule": ("training.duration_nimg (per-expert override)" if config.training.duration_nimg is not None
                  else "training.total_nimg split over K"),
         "num_experts": k, "latent_shape": shape,
@@ -60,4 +86,17 @@ def format_budget(b: dict[str, Any]) -> str:
         f"{b['experts_train_flops']:.3e} training FLOPs",
         f"#   router: {b['router_nimg']:,} images = {b['router_steps']:,} steps of batch {b['router_batch']}, "
         f"{b['router_train_flops']:.3e} training FLOPs",
-    ]) + "\n"
+        f"#   tokens: {b['tokens_per_image']:,} per image at {shape}, experts total {b['experts_total_tokens']:,}",
+    ] + _bucket_lines(b)) + "\n"
+
+
+def _bucket_lines(b: dict[str, Any]) -> list[str]:
+    if not b["buckets"]:
+        return []
+    images = b["experts_total_nimg"]
+    lo = min(b["buckets"], key=lambda c: c["tokens"])
+    hi = max(b["buckets"], key=lambda c: c["tokens"])
+    return [f"#   aspect-ratio buckets ({len(b['buckets'])}): {lo['tokens']:,} to {hi['tokens']:,} tokens per image; "
+            f"experts total {lo['tokens'] * images:,} to {hi['tokens'] * images:,} tokens, "
+            f"{lo['train_flops_per_image'] * images:.3e} to {hi['train_flops_per_image'] * images:.3e} training FLOPs "
+            f"(where in the range: rows per bucket, `ddm status` after prepare)"]

@@ -198,3 +198,19 @@ def test_status_shows_rows_per_bucket_and_expert_files_trace_bucketed_rows(prepa
     assert len(files) == manifest.rows and all(f.startswith("builtin:shapes#") for f in files)
     index = sorted(i for ref in manifest.shards for i in load(store.get_payload(ref))["index"].tolist())
     assert sorted(int(f.split("#")[1]) for f in files) == index
+
+
+def test_config_show_reports_images_and_tokens_per_bucket():
+    from worker.budget import format_budget, training_budget
+
+    budget = training_budget(_config())
+    # shapes: patch 4 on 16x16 pixels = 16 tokens; buckets 12x20 and 20x12 = 3 x 5 = 15 tokens
+    assert budget["tokens_per_image"] == 16
+    assert budget["experts_total_tokens"] == 16 * budget["experts_total_nimg"]
+    assert [(c["bucket"], c["tokens"]) for c in budget["buckets"]] == [([12, 20], 15), ([16, 16], 16), ([20, 12], 15)]
+    assert budget["buckets"][0]["train_flops_per_image"] < budget["buckets"][1]["train_flops_per_image"]
+    text = format_budget(budget)
+    assert "15 to 16 tokens per image" in text and f"{15 * budget['experts_total_nimg']:,} to" in text
+    square = _config()
+    square.data.buckets = {"enabled": False}
+    assert training_budget(square)["buckets"] == [] and "buckets" not in format_budget(training_budget(square))
