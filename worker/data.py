@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.errors import UsageError
 from common.manifests import ExpertManifest, ManifestError, RouterManifest, ShardRef
 from common.storage import RunStore
 
@@ -142,6 +143,17 @@ class PartitionStream:
     window_rows: int = DEFAULT_WINDOW_ROWS
     stats: dict[str, int] = field(default_factory=lambda: {"resident_rows": 0, "peak_resident_rows": 0,
                                                             "shards_read": 0})
+
+    def largest_latent_shape(self) -> list[int]:
+        """The latent shape with the most cells among the job's buckets (the auto micro-batch probes it);
+        latent_shape without buckets. Reads the header of one shard of the largest bucket."""
+        bucketed = [s for s in self.shards if s.bucket is not None]
+        if not bucketed:
+            return list(self.latent_shape)
+        ref = max(bucketed, key=lambda s: (s.bucket[0] * s.bucket[1], s.bucket))  # type: ignore[index]
+        raw = self.store.get_payload(ref)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        return list(header["latents"]["shape"][1:])
 
     def text_length(self) -> int:
         """Tokens per caption (text_tokens [N, L, D]), from the first shard's header."""
@@ -290,6 +302,10 @@ def load_partition(store: RunStore, manifest_key: str, kind: str) -> TrainData:
     """A whole partition in memory, for consumers that need every row at once and run on small data
     (evaluation's GMM judge, distillation). Training streams instead (`open_partition`)."""
     part = open_partition(store, manifest_key, kind)
+    buckets = sorted({tuple(s.bucket) for s in part.shards if s.bucket is not None})
+    if len(buckets) > 1:  # rows of several shapes cannot be one tensor
+        raise UsageError(f"{manifest_key}: rows in {len(buckets)} aspect-ratio buckets (data.buckets); evaluation and "
+                         f"distillation take one shape and are not built for bucketed runs yet")
     window = part.load_window(list(range(len(part.shards))))
     return TrainData(latents=window["latents"].float(), labels=window["labels"].long(), cluster=window.get("cluster"),
                      text_tokens=window.get("text_tokens"), latent_shape=part.latent_shape,

@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import STRATEGIES, RunConfig, SamplingConfig
-from common.errors import DDMError
+from common.errors import DDMError, UsageError
 from common.manifests import ClusterManifest, DatasetManifest, FileRef, Record, RunRecord, ShardRef
 from common.storage import RunStore, sha256_bytes
 from worker.ensemble import Ensemble
@@ -111,6 +111,10 @@ def _load_rows(store: RunStore, refs: list[ShardRef], ds: DatasetManifest | None
     """Rows of the given shards; with `ds`, only the training rows (held-out ones dropped)."""
     from worker.partition import training_mask
 
+    buckets = sorted({tuple(r.bucket) for r in refs if r.bucket is not None})
+    if len(buckets) > 1:  # rows of several shapes cannot be one tensor
+        raise UsageError(f"ddm eval: the dataset holds {len(buckets)} aspect-ratio buckets (data.buckets); "
+                         f"evaluation takes one shape and is not built for bucketed runs yet")
     parts = []
     for ref in refs:
         t = load_file(str(store.local_copy(ref)))

@@ -135,8 +135,10 @@ def _micro_batch(job: TrainJob, model: torch.nn.Module, data: PartitionStream, d
     if not job.auto_micro_batch:
         return job.micro_batch
 
+    shape = data.largest_latent_shape()  # with aspect-ratio buckets: the bucket with the most tokens
+
     def probe(mb: int) -> None:  # constant inputs: the memory of a real micro-batch, no random draws used
-        batch = {"x0": torch.zeros(mb, *data.latent_shape, device=device),
+        batch = {"x0": torch.zeros(mb, *shape, device=device),
                  "labels": torch.zeros(mb, dtype=torch.long, device=device),
                  "cluster": torch.zeros(mb, dtype=torch.long, device=device),
                  "text": None if data.text_dim is None else torch.zeros(mb, data.text_length(), data.text_dim, device=device)}

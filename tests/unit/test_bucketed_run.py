@@ -214,3 +214,17 @@ def test_config_show_reports_images_and_tokens_per_bucket():
     square = _config()
     square.data.buckets = {"enabled": False}
     assert training_budget(square)["buckets"] == [] and "buckets" not in format_budget(training_budget(square))
+
+
+def test_whole_partition_readers_refuse_bucketed_rows_in_one_line(prepared):
+    from common.errors import UsageError
+    from worker.data import load_partition
+    from worker.evaluate import training_split
+
+    with pytest.raises(UsageError, match=r"^experts/00/manifest.json: rows in 3 aspect-ratio buckets") as err:
+        load_partition(prepared, "experts/00/manifest.json", "expert")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match=r"^ddm eval: the dataset holds 3 aspect-ratio buckets"):
+        training_split(prepared, prepared.read_record("data/dataset.json", DatasetManifest))
+    part = open_partition(prepared, "experts/00/manifest.json", "expert")
+    assert part.largest_latent_shape() == [3, 16, 16]  # 16x16 = 256 pixels beats 12x20 = 240
