@@ -195,6 +195,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
         micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
         lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
         train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
+        meter.count((shape[1], shape[2]))
         nimg, step = nimg + job.batch, step + 1
         logged = _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end
         row = meter.log(store, nimg, step, end, on_progress) if logged else {}
@@ -222,13 +223,20 @@ class _Meter:
 
     def __init__(self, job: TrainJob, model, device: torch.device, rank: int, nimg: int) -> None:
         self.job, self.device, self.rank, self.last = job, device, rank, {}
-        self.flops = 3 * model.flops_per_image()  # forward + backward ~ 3x forward
+        self.model, self.flops = model, 0.0  # training FLOPs since the last log: forward + backward ~ 3x forward
+        self._per_image: dict[tuple[int, int], float] = {}
         self.peak = matmul_tflops(device, seconds=0.2) * job.num_workers if rank == 0 else 0.0
         self.tensorboard: TensorBoardLog | None = None  # rank 0's, opened at its first log
         self.start, self.nimg0 = time.perf_counter(), nimg
         self.resumed_from = nimg or None  # logged once: a resume (after a crash or a preemption) shows in the log
         self.losses: list[torch.Tensor] = []
         self.stats: list[dict] = []
+
+    def count(self, grid: tuple[int, int]) -> None:
+        """One step of job.batch images at latent grid (H, W): with aspect-ratio buckets grids differ per step."""
+        if grid not in self._per_image:
+            self._per_image[grid] = 3 * self.model.flops_per_image(grid)
+        self.flops += self._per_image[grid] * self.job.batch
 
     def add(self, loss: torch.Tensor, stats: dict | None) -> None:
         self.losses.append(loss)
@@ -237,14 +245,14 @@ class _Meter:
 
     def log(self, store: RunStore, nimg: int, step: int, end: int, on_progress) -> dict:
         if self.rank != 0:
-            self.losses, self.stats = [], []
+            self.losses, self.stats, self.flops = [], [], 0.0
             return {}
         loss = torch.cat(self.losses).float().mean().item()  # the only host sync of the interval
         elapsed = time.perf_counter() - self.start
         img_s = (nimg - self.nimg0) / max(elapsed, 1e-9)
         steps = max(1, (nimg - self.nimg0) // self.job.batch)
         row = {"nimg": nimg, "step": step, "loss": loss, "img_per_s": img_s, "step_time_s": elapsed / steps,
-               "mfu": img_s * self.flops / (self.peak * 1e12) if self.peak else 0.0,
+               "mfu": self.flops / max(elapsed, 1e-9) / (self.peak * 1e12) if self.peak else 0.0,
                "eta_s": max(0, end - nimg) / max(img_s, 1e-9), "duration_nimg": end, "time": time.time()}
         if self.stats:
             row.update(calibration_metrics(*(torch.cat([s[k] for s in self.stats]).float().cpu()
@@ -258,7 +266,7 @@ class _Meter:
         if on_progress is not None:
             on_progress(row)
         self.last = {k: float(v) for k, v in row.items() if k != "time"}
-        self.losses, self.stats, self.start, self.nimg0 = [], [], time.perf_counter(), nimg
+        self.losses, self.stats, self.start, self.nimg0, self.flops = [], [], time.perf_counter(), nimg, 0.0
         return row
 
 
