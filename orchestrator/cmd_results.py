@@ -100,7 +100,8 @@ def latent_size(size: tuple[int, int] | None, ensemble, config: RunConfig) -> tu
     from worker.ensemble import pixel_factor
 
     width, height = size
-    factor = pixel_factor(config.data.image_size, ensemble.manifest.latent_shape)
+    factor = ensemble.manifest.latents.get("pixel_factor") or pixel_factor(config.data.image_size,
+                                                                           ensemble.manifest.latent_shape)
     step = factor * ensemble.patch_size
     if width % step or height % step:
         raise UsageError(f"--size {width}x{height}: each side must be a multiple of {step} = {factor} pixels per "

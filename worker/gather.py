@@ -36,6 +36,15 @@ def _member(store: RunStore, prefix: str, expert: int) -> tuple[EnsembleMember, 
     return member, [record.weights, record.model_config_file]
 
 
+def _bucket_factor(dataset: DatasetManifest) -> dict[str, int]:
+    """With aspect-ratio buckets the run's latent shape is a bucket's, not the image_size square's, so the
+    pixels per latent cell are recorded from the bucket summary ({} without buckets: read off the square)."""
+    buckets = dataset.extra.get("buckets")
+    if not buckets:
+        return {}
+    return {"pixel_factor": buckets[0]["bucket"][0] // buckets[0]["latent_shape"][2]}
+
+
 def gather(config: RunConfig, store: RunStore, allow_partial: bool = False, missing: list[int] = ()) -> StageResult:
     """Verify and collect the exports into `ensemble.json` (committed last).
 
@@ -87,7 +96,7 @@ def gather(config: RunConfig, store: RunStore, allow_partial: bool = False, miss
         num_classes=dataset.num_classes,
         latents={"encoder": config.latents.encoder, "model": config.latents.model,
                  "subfolder": config.latents.subfolder, "scale": dict(dataset.latent_scale),
-                 "source": dataset.source, "channels": config.data.channels},
+                 "source": dataset.source, "channels": config.data.channels, **_bucket_factor(dataset)},
         created_at=datetime.now(timezone.utc).isoformat())
     store.commit("ensemble.json", manifest)  # last: its presence means every listed payload is verified
     return StageResult(counts={"experts": len(members), "missing": len(absent)}, outputs=outputs,

@@ -228,3 +228,25 @@ def test_whole_partition_readers_refuse_bucketed_rows_in_one_line(prepared):
         training_split(prepared, prepared.read_record("data/dataset.json", DatasetManifest))
     part = open_partition(prepared, "experts/00/manifest.json", "expert")
     assert part.largest_latent_shape() == [3, 16, 16]  # 16x16 = 256 pixels beats 12x20 = 240
+
+
+def test_a_bucketed_ensemble_samples_at_non_square_bucket_shapes(prepared_root, tmp_path):
+    from orchestrator.cmd_results import latent_size
+    from worker.ensemble import Ensemble
+    from worker.gather import gather
+
+    cfg = _config()
+    store = RunStore(str(shutil.copytree(prepared_root, tmp_path / "ensemble")))
+    for k in range(cfg.clustering.num_experts):
+        job = expert_job(cfg, k, cfg.islands.pool[0])
+        train(job.model_copy(update={"training": job.training.model_copy(update={"duration_nimg": 4 * BATCH})}),
+              job_store(store, job))
+    train(router_job(cfg, cfg.islands.pool[0]), job_store(store, router_job(cfg, cfg.islands.pool[0])))
+    gather(cfg, store)
+    ensemble = Ensemble.load(store)
+    assert ensemble.manifest.latents["pixel_factor"] == 1
+    for width, height in [(12, 20), (20, 12)]:  # ddm sample --size WxH on a run whose latent shape is a bucket's
+        size = latent_size((width, height), ensemble, cfg)
+        assert size == (height, width)
+        x = ensemble.sample(2, "top1", steps=2, classes=[0, 1], size=size)
+        assert x.shape == (2, 3, height, width) and torch.isfinite(x).all()
