@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from common.buckets import MAX_BUCKET_SIDE
 from common.errors import DDMError
 
 SCHEMA_VERSION = 1
+BucketSide = Annotated[int, Field(ge=1, le=MAX_BUCKET_SIDE)]  # pixels
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -55,7 +57,7 @@ class FileRef(BaseModel):
 
 class ShardRef(FileRef):
     rows: int = Field(ge=0)
-    bucket: tuple[int, int] | None = Field(None, description=(
+    bucket: tuple[BucketSide, BucketSide] | None = Field(None, description=(
         "(width, height) in pixels of the aspect-ratio bucket every row of the shard was resized to (data.buckets); "
         "None = the data.image_size square"))
 

@@ -250,3 +250,67 @@ def test_a_bucketed_ensemble_samples_at_non_square_bucket_shapes(prepared_root, 
         assert size == (height, width)
         x = ensemble.sample(2, "top1", steps=2, classes=[0, 1], size=size)
         assert x.shape == (2, 3, height, width) and torch.isfinite(x).all()
+
+
+def test_unbucketed_records_serialise_as_before_and_a_bad_bucket_is_refused():
+    from pydantic import ValidationError
+
+    from common.manifests import PreparedShard, ShardRef
+
+    ref = ShardRef(path="data/shards/00000.safetensors", sha256="0" * 64, size=1, rows=2)
+    assert ref.model_dump_json() == ('{"path":"data/shards/00000.safetensors","sha256":"' + "0" * 64 +
+                                     '","size":1,"rows":2}')
+    assert "bucket_data" not in PreparedShard(shard=0, plan="p", start=0, stop=1).model_dump_json()
+    bucketed = ShardRef(path="data/shards/00000-8x4.safetensors", sha256="0" * 64, size=1, rows=2, bucket=(8, 4))
+    assert ShardRef.model_validate_json(bucketed.model_dump_json()) == bucketed
+    with pytest.raises(ValidationError, match="bucket"):
+        ShardRef(path="x", sha256="0" * 64, size=1, rows=2, bucket=(0, 4))
+
+
+def _png(path, width: int, height: int, colour: tuple[int, int, int]) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (10, 10, 10))
+    ImageDraw.Draw(img).ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=colour)
+    img.save(path)
+
+
+def test_files_are_bucketed_deduplicated_and_resumed(tmp_path):
+    """Real PNG files of three aspect ratios: bucket per file, a duplicate in a later range rewritten out of its
+    bucket shard, and a prepare stopped after some parts resumes to the same dataset."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = [(64, 32), (32, 64), (48, 48)] * 4
+    for i, (w, h) in enumerate(sizes):
+        _png(folder / f"{i:02d}.png", w, h, (40 + 15 * i, 200 - 10 * i, 90))
+    (folder / "12.png").write_bytes((folder / "00.png").read_bytes())  # listed after 00.png: the duplicate
+    cfg = _config()
+    cfg.data.source, cfg.data.label_source, cfg.data.shard_rows = str(folder), "none", 4
+    cfg.data.holdout_fraction, cfg.features.pca_dim = 0.0, None
+    store = RunStore(str(tmp_path / "run"))
+    result = prepare_data(cfg, store)
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    assert result.counts["quarantined"] == 1 and ds.used == 12
+    assert {tuple(b["bucket"]): b["rows"] for b in ds.extra["buckets"]} == {(12, 20): 4, (16, 16): 4, (20, 12): 4}
+    assert [s.path for s in ds.shards if "dedup" in s.path] == []  # 12.png is alone in its bucket shard of range 3
+    assert not any(s.path.startswith("data/shards/00003-20x12") for s in ds.shards)
+    for ref in ds.shards:
+        w, h = ref.bucket
+        assert load(store.get_payload(ref))["latents"].shape[1:] == (3, h, w)
+
+    # the duplicate sharing a bucket shard with other rows: that shard is rewritten as <i>-<W>x<H>-dedup
+    (folder / "13.png").write_bytes((folder / "01.png").read_bytes())
+    _png(folder / "14.png", 66, 33, (1, 2, 3))
+    again = prepare_data(cfg, store)
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    assert again.counts["quarantined"] == 2 and ds.used == 13
+    assert [s.path for s in ds.shards if "dedup" in s.path] == ["data/shards/00003-20x12-dedup.safetensors"]
+    dedup = next(s for s in ds.shards if "dedup" in s.path)
+    assert dedup.rows == 1 and dedup.bucket == (20, 12)
+
+    # resume: drop the dataset record and one part; the rest are kept, the dataset comes out the same
+    store.delete("data/parts/00001.json")
+    store.delete("data/dataset.json")
+    resumed = prepare_data(cfg, store)
+    assert resumed.details["resumed_shards"] == 3
+    assert store.read_record("data/dataset.json", DatasetManifest).shards == ds.shards
