@@ -11,7 +11,8 @@ cursor of a resumed run is just `nimg` (edm2 style):
 Only the windows that the current step touches, plus the next one (read ahead by a background
 thread), are resident: with a batch no larger than a window, at most three windows of at most
 window_rows + one shard rows each, whatever the partition size. With window_rows >= N there is one
-window per epoch: a full shuffle, as before streaming.
+window per epoch: a full shuffle, as before streaming. Shards with an aspect-ratio bucket
+(ShardRef.bucket) are streamed one bucket per batch by worker/bucket_data.py.
 """
 
 from __future__ import annotations
