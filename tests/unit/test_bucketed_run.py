@@ -3,6 +3,7 @@ builtin:shapes drawn at three aspect ratios."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -314,3 +315,43 @@ def test_files_are_bucketed_deduplicated_and_resumed(tmp_path):
     resumed = prepare_data(cfg, store)
     assert resumed.details["resumed_shards"] == 3
     assert store.read_record("data/dataset.json", DatasetManifest).shards == ds.shards
+
+
+def test_vae_dinov2_and_clip_prepare_per_bucket_and_a_text_expert_trains(tiny_models, tmp_path):
+    """Latent space (a VAE of factor 2): buckets are multiples of 2 x patch 2 pixels; captions and CLIP tokens
+    stay aligned with their rows inside each bucket shard; a text-conditional expert trains on the buckets."""
+    from common.config import RunConfig
+    from worker.encoders import ClipText
+
+    cfg = RunConfig.model_validate({
+        "data": {"source": "builtin:shapes", "image_size": 16, "channels": 3, "captions": True, "gmm_items": 48,
+                 "shard_rows": 16, "holdout_fraction": 0.0, "shapes_aspect_ratios": [0.5, 2.0],
+                 "buckets": {"enabled": True, "max_aspect": 2.5}},
+        "features": {"extractor": "dinov2", "model": str(tiny_models / "dino")},
+        "latents": {"encoder": "vae", "model": str(tiny_models / "sd"), "subfolder": "vae"},
+        "text": {"encoder": "clip", "model": str(tiny_models / "clip"), "max_length": 8},
+        "model": {"size": "tiny", "patch_size": 2, "conditioning": "text"},
+        "clustering": {"num_experts": 1}, "training": {"global_batch": 8, "total_nimg": 32, "log_every_nimg": 16}})
+    store = RunStore(str(tmp_path / "run"))
+    prepare_data(cfg, store)
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    assert {tuple(b["bucket"]): b["latent_shape"] for b in ds.extra["buckets"]} == {(12, 20): [4, 10, 6],
+                                                                                    (20, 12): [4, 6, 10]}
+    captions = {}
+    for ref in ds.extra["captions"]:
+        for line in store.read_bytes(ref["path"]).decode().splitlines():
+            row = json.loads(line)
+            captions[row["index"]] = row["caption"]
+    items = discover(cfg.data, cfg.seed).items
+    clip = ClipText(str(tiny_models / "clip"), 8, torch.device("cpu"))
+    for ref in ds.shards:
+        tensors = load(store.get_payload(ref))
+        w, h = ref.bucket
+        assert tensors["latents"].shape[1:] == (4, h // 2, w // 2) and tensors["features"].shape[1:] == (32,)
+        assert tensors["text_tokens"].shape[:2] == (ref.rows, 8)
+        assert [captions[i] for i in tensors["index"].tolist()] == [items[i].text for i in tensors["index"].tolist()]
+        _, tokens = clip([items[i].text for i in tensors["index"].tolist()])  # each row's own caption's tokens
+        assert torch.allclose(tensors["text_tokens"].float(), tokens.float(), atol=1e-5)
+    cluster_data(cfg, store)
+    job = expert_job(cfg, 0, cfg.islands.pool[0])
+    assert train(job, job_store(store, job)).nimg == 32
