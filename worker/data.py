@@ -147,7 +147,7 @@ class PartitionStream:
 
     def largest_latent_shape(self) -> list[int]:
         """The latent shape with the most cells among the job's buckets (the auto micro-batch probes it);
-        latent_shape without buckets. Reads the header of one shard of the largest bucket."""
+        latent_shape without buckets. Reads one shard of the largest bucket (its header gives the shape)."""
         bucketed = [s for s in self.shards if s.bucket is not None]
         if not bucketed:
             return list(self.latent_shape)
@@ -170,9 +170,10 @@ class PartitionStream:
         for s in shard_ids:
             t = read_tensors(self.store, self.shards[s], ("latents", "labels"), ("text_tokens",))
             got, bucket = list(t["latents"].shape[1:]), self.shards[s].bucket
-            # a bucketed shard holds its bucket's grid: the channels must agree, and one window holds one bucket
-            want = list(self.latent_shape) if bucket is None else [self.latent_shape[0], *(parts[0]["latents"].shape[2:]
-                                                                                          if parts else got[1:])]
+            if bucket is None:
+                want = list(self.latent_shape)
+            else:  # its bucket's grid: the channels must agree, and a window holds one bucket (one grid)
+                want = [self.latent_shape[0], *(list(parts[0]["latents"].shape[2:]) if parts else got[1:])]
             if got != want:
                 raise ManifestError(f"{self.manifest_key}: {self.shards[s].path} holds latents {got}, "
                                     f"{'manifest says' if bucket is None else 'expected'} {want}")
