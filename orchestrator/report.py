@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import RunConfig, to_yaml  # noqa: E402
-from common.manifests import ClusterManifest, EnsembleManifest, StageRecord  # noqa: E402
+from common.manifests import ClusterManifest, DatasetManifest, EnsembleManifest, StageRecord  # noqa: E402
 from common.storage import RunStore  # noqa: E402
 
 GRID_N = 32
@@ -169,6 +169,9 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
 
 def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool,
           device: torch.device, full: bool = False, say: Callable[[str], None] = _say) -> str:
+    dataset = store.read_record("data/dataset.json", DatasetManifest)
+    if not store.exists("eval/results.json") and dataset is not None and dataset.extra.get("buckets"):
+        return "<p>Not evaluated: evaluation takes one shape and is not built for aspect-ratio buckets yet.</p>"
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 

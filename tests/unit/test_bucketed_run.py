@@ -355,3 +355,10 @@ def test_vae_dinov2_and_clip_prepare_per_bucket_and_a_text_expert_trains(tiny_mo
     cluster_data(cfg, store)
     job = expert_job(cfg, 0, cfg.islands.pool[0])
     assert train(job, job_store(store, job)).nimg == 32
+
+
+def test_the_report_says_a_bucketed_run_is_not_evaluated(prepared):
+    from orchestrator.report import _eval
+
+    page = _eval(prepared, _config(), run_eval=True, allow_external_models=False, device=torch.device("cpu"))
+    assert "Not evaluated" in page and "aspect-ratio buckets" in page
