@@ -362,3 +362,28 @@ def test_the_report_says_a_bucketed_run_is_not_evaluated(prepared):
 
     page = _eval(prepared, _config(), run_eval=True, allow_external_models=False, device=torch.device("cpu"))
     assert "Not evaluated" in page and "aspect-ratio buckets" in page
+
+
+def test_the_ray_data_map_functions_carry_buckets(tmp_path):
+    """decode_batch and ShardEncoder.__call__ as Ray Data calls them (pickled rows, fn_kwargs), in-process."""
+    import pickle
+
+    from common.manifests import PreparedShard
+    from worker.prepare import run_buckets
+    from worker.prepare_decode import decode_batch
+    from worker.prepare_shard import ShardEncoder
+
+    cfg = _config()
+    found = discover(cfg.data, cfg.seed)
+    buckets = run_buckets(cfg)
+    rows = {"shard": np.array([0, 1]), "start": np.array([0, 4]),
+            "items": np.array([pickle.dumps(found.items[0:4]), pickle.dumps(found.items[4:8])], dtype=object)}
+    decoded = decode_batch(rows, fs=found.fs, data=cfg.data, buckets=buckets)
+    store = RunStore(str(tmp_path / "run"))
+    encoder = ShardEncoder(store, "plan", cfg.data, cfg.features, cfg.latents, cfg.text, None)
+    records = [PreparedShard.model_validate_json(r) for r in encoder(decoded)["record"]]
+    for record in records:
+        assert record.data is None and sum(r.rows for r in record.bucket_data) == 4
+        for ref in record.bucket_data:
+            w, h = ref.bucket
+            assert load(store.get_payload(ref))["latents"].shape == (ref.rows, 3, h, w)
