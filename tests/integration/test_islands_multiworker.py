@@ -36,13 +36,21 @@ def _train_record(store: RunStore) -> StageRecord:
     return store.read_record("stages/train.json", StageRecord)
 
 
-def test_two_worker_island_lands_only_on_its_labelled_nodes(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    result = _scenario("labels", run)
-    store = RunStore(str(run))
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory) -> tuple[dict, RunStore]:
+    """One cluster run for both tests (it takes minutes): expert-00 trains on 2 labelled nodes, and one of
+    its worker nodes is removed once a checkpoint is committed."""
+    run = tmp_path_factory.mktemp("islands") / "run"
+    return _scenario("preempt", run), RunStore(str(run))
+
+
+def test_two_worker_island_lands_only_on_its_labelled_nodes(preempted) -> None:
+    result, store = preempted
     nodes = _train_record(store).details["nodes"]
-    # Both Ray Train workers of expert-00, on two distinct labelled nodes; never the decoy that has
-    # the island-a resource but not the label, never the head (island-b).
+    # Both Ray Train workers of expert-00, before and after the preemption, on two distinct labelled nodes;
+    # never the decoy that has the island-a resource but not the label, never the head (island-b).
+    before = set(result["workers_before"].values())
+    assert len(before) == 2 and before <= set(result["labelled"]), result
     assert len(nodes["expert-00"]) == 2 and set(nodes["expert-00"]) <= set(result["labelled"]), (nodes, result)
     assert nodes["expert-01"] == [result["head"]] and nodes["router"] == [result["head"]]
     status = store.read_record("experts/00/status.json", JobStatusRecord)
@@ -51,11 +59,9 @@ def test_two_worker_island_lands_only_on_its_labelled_nodes(tmp_path: Path) -> N
     assert any(k.startswith("tb/expert-00/events.out.tfevents") for k in store.list("tb/expert-00/"))
 
 
-def test_preempted_node_resumes_the_group_on_the_remaining_labelled_nodes(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    result = _scenario("preempt", run)
+def test_preempted_node_resumes_the_group_on_the_remaining_labelled_nodes(preempted) -> None:
+    result, store = preempted
     assert result["killed"], "no worker node of expert-00 was removed"
-    store = RunStore(str(run))
     nodes = _train_record(store).details["nodes"]["expert-00"]
     survivors = set(result["labelled"]) - {result["killed"]["node"]}
     assert len(nodes) == 2 and set(nodes) <= survivors, (nodes, result)  # regrouped on the remaining labelled nodes
