@@ -17,8 +17,6 @@ uninterrupted run would have. Memory: the windows the current step touches, at m
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -27,7 +25,7 @@ import torch
 
 from common.buckets import Bucket
 from common.manifests import ManifestError
-from worker.data import WindowOrder, mix_seed
+from worker.data import WindowOrder, mix_seed, prefetch, step_batch
 
 if TYPE_CHECKING:
     from worker.data import PartitionStream
@@ -105,53 +103,25 @@ def stream_buckets(part: PartitionStream, start_nimg: int, end_nimg: int, batch:
         raise ManifestError(f"{part.manifest_key}: some shards have a bucket and some have none")
     order = BucketOrder(buckets, [s.rows for s in part.shards], seed, part.window_rows, batch)  # type: ignore[arg-type]
     listed = sum(r.rows for r in part.shards)
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    pin = device.type == "cuda"
     resident: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
-    names = {"latents": "x0", "labels": "labels", "cluster": "cluster", "text_tokens": "text"}
 
-    def produce() -> None:
-        try:
-            for nimg in range(start_nimg, end_nimg, batch):
-                j, segments = order.step(nimg)
-                keys = {(j, e, w) for e, w, _, _ in segments}
-                for key in [k for k in resident if k[0] == j and k not in keys]:  # this bucket's cursor has left it
-                    del resident[key]
-                gathered: dict[str, torch.Tensor] = {}
-                for e, w, slots, rows in segments:
-                    if (j, e, w) not in resident:
-                        resident[(j, e, w)] = part.load_window(order.window_shards(j, e, w))
-                    for k, v in resident[(j, e, w)].items():
-                        gathered.setdefault(k, torch.empty((batch, *v.shape[1:]), dtype=v.dtype))[slots] = v[rows]
-                held = sum(order.window_rows(*key) for key in resident)
-                part.stats["resident_rows"] = held
-                part.stats["peak_resident_rows"] = max(part.stats["peak_resident_rows"], held)
-                if listed != part.rows:
-                    raise ManifestError(f"{part.manifest_key}: shards hold {listed} rows, manifest says {part.rows}")
-                item = {names[k]: v[positions] for k, v in gathered.items()}
-                item["x0"], item["labels"] = item["x0"].float(), item["labels"].long()
-                item = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in item.items()}
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer (unless it has left)
-            if not stop.is_set():
-                q.put(exc)
+    def steps() -> Iterator[dict[str, torch.Tensor]]:
+        for nimg in range(start_nimg, end_nimg, batch):
+            j, segments = order.step(nimg)
+            keys = {(j, e, w) for e, w, _, _ in segments}
+            for key in [k for k in resident if k[0] == j and k not in keys]:  # this bucket's cursor has left it
+                del resident[key]
+            gathered: dict[str, torch.Tensor] = {}
+            for e, w, slots, rows in segments:
+                if (j, e, w) not in resident:
+                    resident[(j, e, w)] = part.load_window(order.window_shards(j, e, w))
+                for k, v in resident[(j, e, w)].items():
+                    gathered.setdefault(k, torch.empty((batch, *v.shape[1:]), dtype=v.dtype))[slots] = v[rows]
+            held = sum(order.window_rows(*key) for key in resident)
+            part.stats["resident_rows"] = held
+            part.stats["peak_resident_rows"] = max(part.stats["peak_resident_rows"], held)
+            if listed != part.rows:
+                raise ManifestError(f"{part.manifest_key}: shards hold {listed} rows, manifest says {part.rows}")
+            yield step_batch(gathered, positions, device)
 
-    thread = threading.Thread(target=produce, daemon=True, name="ddm-bucket-prefetch")
-    thread.start()
-    try:
-        for _ in range(start_nimg, end_nimg, batch):
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    yield from prefetch(steps(), depth, "ddm-bucket-prefetch")

@@ -129,6 +129,58 @@ class WindowOrder:
         return (epoch, w + 1) if w + 1 < len(self.windows(epoch)[0]) else (epoch + 1, 0)
 
 
+STEP_NAMES = {"latents": "x0", "labels": "labels", "cluster": "cluster", "text_tokens": "text"}
+
+
+def step_batch(gathered: dict[str, torch.Tensor], positions: torch.Tensor, device: torch.device
+               ) -> dict[str, torch.Tensor]:
+    """One step's gathered rows as the training loop takes them: this worker's positions, x0 as float,
+    labels as long, on `device` (through pinned memory for CUDA)."""
+    item = {STEP_NAMES[k]: v[positions] for k, v in gathered.items()}
+    item["x0"], item["labels"] = item["x0"].float(), item["labels"].long()
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in item.items()}
+
+
+_END = object()
+
+
+def prefetch(items: Iterator[dict[str, torch.Tensor]], depth: int, name: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Runs `items` in a background thread up to `depth` steps ahead, so the accelerator never waits on
+    reads. An error in it surfaces here; leaving early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer (unless it has left)
+            put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name=name)
+    thread.start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass
 class PartitionStream:
     """A job's shards and what the model needs to know about them; rows are read window by window."""
@@ -197,9 +249,6 @@ class PartitionStream:
             return
         order = WindowOrder([r.rows for r in self.shards], seed, self.window_rows)
         listed = sum(r.rows for r in self.shards)
-        q: queue.Queue = queue.Queue(maxsize=depth)
-        stop = threading.Event()
-        pin = device.type == "cuda"
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddm-window")
         resident: dict[tuple[int, int], Future] = {}
 
@@ -208,52 +257,28 @@ class PartitionStream:
                 resident[(epoch, w)] = reader.submit(self.load_window, order.windows(epoch)[0][w])
             return resident[(epoch, w)]
 
-        def produce() -> None:
-            try:
-                for nimg in range(start_nimg, end_nimg, batch):
-                    segs = order.segments(nimg, batch)
-                    for key in [k for k in resident if k < segs[0][:2]]:   # windows behind the cursor
-                        del resident[key]
-                    ahead = order.next_window(*segs[-1][:2])
-                    if ahead[0] * order.rows + order.windows(ahead[0])[1][ahead[1]] < end_nimg:
-                        window(*ahead)                                    # read ahead, unless past the end
-                    gathered: dict[str, torch.Tensor] = {}
-                    for epoch, w, slots, rows in segs:
-                        data = window(epoch, w).result()
-                        for k, v in data.items():
-                            gathered.setdefault(k, torch.empty((batch, *v.shape[1:]), dtype=v.dtype))[slots] = v[rows]
-                    self._count(order, resident)
-                    if listed != self.rows:  # after the first read, so a shard outside the scope is named first
-                        raise ManifestError(f"{self.manifest_key}: shards hold {listed} rows, manifest says {self.rows}")
-                    names = {"latents": "x0", "labels": "labels", "cluster": "cluster", "text_tokens": "text"}
-                    item = {names[k]: v[positions] for k, v in gathered.items()}
-                    item["x0"] = item["x0"].float()
-                    item["labels"] = item["labels"].long()
-                    item = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in item.items()}
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer (unless it has left)
-                if not stop.is_set():
-                    q.put(exc)
+        def steps() -> Iterator[dict[str, torch.Tensor]]:
+            for nimg in range(start_nimg, end_nimg, batch):
+                segs = order.segments(nimg, batch)
+                for key in [k for k in resident if k < segs[0][:2]]:   # windows behind the cursor
+                    del resident[key]
+                ahead = order.next_window(*segs[-1][:2])
+                if ahead[0] * order.rows + order.windows(ahead[0])[1][ahead[1]] < end_nimg:
+                    window(*ahead)                                    # read ahead, unless past the end
+                gathered: dict[str, torch.Tensor] = {}
+                for epoch, w, slots, rows in segs:
+                    data = window(epoch, w).result()
+                    for k, v in data.items():
+                        gathered.setdefault(k, torch.empty((batch, *v.shape[1:]), dtype=v.dtype))[slots] = v[rows]
+                self._count(order, resident)
+                if listed != self.rows:  # after the first read, so a shard outside the scope is named first
+                    raise ManifestError(f"{self.manifest_key}: shards hold {listed} rows, manifest says {self.rows}")
+                yield step_batch(gathered, positions, device)
 
-        thread = threading.Thread(target=produce, daemon=True, name="ddm-prefetch")
-        thread.start()
         try:
-            for _ in range(start_nimg, end_nimg, batch):
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from prefetch(steps(), depth, "ddm-prefetch")
         finally:
-            stop.set()
             reader.shutdown(wait=True, cancel_futures=True)  # at most one window read still running
-            thread.join()
 
     def _count(self, order: WindowOrder, resident: dict[tuple[int, int], Future]) -> None:
         """Rows held by the resident windows (loaded or being read), for the memory bound's tests."""

@@ -73,3 +73,37 @@ def test_router_streams_every_partition_with_its_cluster_labels(tmp_path):
     for batch in part.stream(0, rows, 60, torch.arange(60), torch.device("cpu"), seed=1):
         assert torch.equal(batch["cluster"], torch.tensor(_ids(batch)) % 4)
     assert part.stats["peak_resident_rows"] <= 3 * (128 + 64)
+
+
+def test_prefetch_yields_in_order_surfaces_the_producers_error_and_stops_when_left() -> None:
+    import threading
+
+    import pytest
+
+    from worker.data import prefetch
+
+    assert [d["i"] for d in prefetch(({"i": i} for i in range(5)), 2, "t")] == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield {"i": 0}
+        raise ValueError("shard 3 is damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 is damaged"):
+        for d in prefetch(failing(), 2, "t"):
+            got.append(d["i"])
+    assert got == [0]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield {"i": i}
+            i += 1
+
+    stream = prefetch(endless(), 2, "ddm-test-prefetch")
+    assert next(stream)["i"] == 0
+    stream.close()  # the consumer left: the thread stops, bounded by the queue depth
+    assert not any(t.name == "ddm-test-prefetch" for t in threading.enumerate()) and len(produced) <= 5
