@@ -177,6 +177,11 @@ class TrainingConfig(Strict):
     duration_nimg: int | None = Field(None, ge=1, description=(
         "Explicit per-expert (or router) override: when set it wins over total_nimg, and the experts' total "
         "becomes K x duration_nimg. None = derive from total_nimg."))
+    budget_unit: Literal["images", "tokens"] = Field("images", description=(
+        "What the budget (total_nimg or duration_nimg) matches between experts. images: the same images each. "
+        "tokens: with aspect-ratio buckets an image's tokens depend on its bucket, so each job trains until it has "
+        "seen the tokens of its images at the data.image_size square, counted step by step over its buckets "
+        "(its images then vary; its training FLOPs do not)."))
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_nimg: int = Field(0, ge=0, description="Linear lr warmup; 0 = constant lr (paper).")

@@ -109,6 +109,13 @@ def latent_size(size: tuple[int, int] | None, ensemble, config: RunConfig) -> tu
     return height // factor, width // factor
 
 
+def _named_run(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise UsageError(f"--compare {text!r}: expected NAME=RUN (a run store path or URL)")
+    return name, url
+
+
 @_trust_hint
 def cmd_eval(args: argparse.Namespace) -> int:
     from worker.evaluate import evaluate, to_markdown
@@ -117,7 +124,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda m: None)
     results = evaluate(store, config, num_samples=args.n, strategies=strategies, seed=args.seed, seeds=args.seeds, log=log,
-                       inception=args.inception, allow_external_models=args.trust_remote_paths, device=_device(args))
+                       inception=args.inception, allow_external_models=args.trust_remote_paths, device=_device(args),
+                       compare={name: open_run(url)[0] for name, url in map(_named_run, args.compare or [])})
+    if "shapes" in results:
+        from worker.eval_buckets import to_markdown as buckets_markdown
+
+        print(json.dumps(results, indent=2) if args.json else buckets_markdown(results))
+        return 0
     print(json.dumps(results, indent=2) if args.json else to_markdown(results))
     return 0
 
@@ -257,6 +270,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--strategies", help="comma-separated (default: eval.strategies)")
     e.add_argument("--seed", type=int, default=0, help="first sampling seed")
     e.add_argument("--seeds", type=_positive, help="sampling seeds per strategy, for the 95%% intervals (default: eval.seeds)")
+    e.add_argument("--compare", action="append", metavar="NAME=RUN", help="bucketed runs: also sample run RUN at "
+                   "this run's bucket shapes, judged by the same classifier (e.g. square-only=runs/shapes-square)")
     e.add_argument("--inception", metavar="PATH", help="FID Inception-v3 weights, a state dict (.pth) loaded "
                    "tensors-only (default: $DDM_INCEPTION_WEIGHTS; never downloaded)")
     add_trust_arg(e)

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import RunConfig, to_yaml  # noqa: E402
-from common.manifests import ClusterManifest, DatasetManifest, EnsembleManifest, StageRecord  # noqa: E402
+from common.manifests import ClusterManifest, EnsembleManifest, StageRecord  # noqa: E402
 from common.storage import RunStore  # noqa: E402
 
 GRID_N = 32
@@ -169,9 +169,6 @@ def _grids(store: RunStore, config: RunConfig, out: Path, ensemble) -> str:
 
 def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_models: bool,
           device: torch.device, full: bool = False, say: Callable[[str], None] = _say) -> str:
-    dataset = store.read_record("data/dataset.json", DatasetManifest)
-    if not store.exists("eval/results.json") and dataset is not None and dataset.extra.get("buckets"):
-        return "<p>Not evaluated: evaluation takes one shape and is not built for aspect-ratio buckets yet.</p>"
     if not store.exists("eval/results.json") and run_eval:
         from worker.evaluate import evaluate
 
@@ -184,6 +181,13 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
     if not store.exists("eval/results.json"):
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
+    if "shapes" in results:  # a bucketed run: class accuracy per bucket shape (worker/eval_buckets.py)
+        names = list(results["shapes"][0]["models"]) if results["shapes"] else []
+        cells = [[r["bucket"], r["heldout_rows"], r["real_heldout_acc"]]
+                 + [f"{m['class_acc']:.3f} ± {m['class_acc_ci95'] or 0:.3f}" for m in r["models"].values()]
+                 for r in results["shapes"]]
+        return (_table(cells, ["shape (WxH px)", "held-out rows", "real held-out acc."] + [f"{n} class acc." for n in names])
+                + f"<p>{html.escape(results['reference'])}; chance {results['chance_class_acc']}</p>")
     from worker.evaltable import metric_table, reference_lines
 
     header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds

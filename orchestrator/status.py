@@ -59,6 +59,7 @@ def collect_status(store: RunStore) -> dict:
                  "retries": status.retries if status else 0,
                  "nimg": export.nimg if export else (status.nimg if status else (ckpt.nimg if ckpt else 0)),
                  "duration_nimg": status.duration_nimg if status else None,
+                 "tokens": int(export.final_metrics["tokens"]) if export and "tokens" in export.final_metrics else None,
                  # A committed export carries the final loss; the live status only the last one polled.
                  "loss": export.final_metrics.get("loss") if export else (status.loss if status else None),
                  "eta_s": status.eta_s if status else None,
@@ -128,16 +129,18 @@ def format_status(status: dict) -> str:
                   f"latent {'x'.join(map(str, b['latent_shape']))}" for b in status["buckets"]]
     if status["jobs"]:
         lines.append("jobs:")
-        lines.append(f"  {'job':<11} {'island':<10} {'state':<11} {'images seen':>21} {'loss':>8} {'ckpt':>9} "
-                     f"{'retries':>7} {'eta':>7}")
+        bucketed = bool(status.get("buckets"))  # images differ in tokens: show both (training.budget_unit)
+        lines.append(f"  {'job':<11} {'island':<10} {'state':<11} {'images seen':>21} "
+                     + (f"{'tokens seen':>13} " if bucketed else "") + f"{'loss':>8} {'ckpt':>9} {'retries':>7} {'eta':>7}")
         for job in status["jobs"]:
             total = job["duration_nimg"]
             seen = f"{job['nimg']:,}" + (f"/{total:,}" if total else "")
             loss = f"{job['loss']:.4f}" if job["loss"] is not None else "-"
             ckpt = f"{job['last_checkpoint_nimg']:,}" if job["last_checkpoint_nimg"] is not None else "-"
             eta = f"{job['eta_s']:.0f}s" if job["eta_s"] is not None else "-"
-            lines.append(f"  {job['prefix']:<11} {job['island'] or '-':<10} {job['state']:<11} {seen:>21} {loss:>8} "
-                         f"{ckpt:>9} {job['retries']:>7} {eta:>7}")
+            tokens = f"{job['tokens']:,}" if job["tokens"] is not None else "-"
+            lines.append(f"  {job['prefix']:<11} {job['island'] or '-':<10} {job['state']:<11} {seen:>21} "
+                         + (f"{tokens:>13} " if bucketed else "") + f"{loss:>8} {ckpt:>9} {job['retries']:>7} {eta:>7}")
             if job["last_error"] and job["state"] != "succeeded":
                 lines.append(f"      last error: {job['last_error']}")
     if status["ensemble_damaged"]:

@@ -85,6 +85,28 @@ class BucketOrder:
             filled, p = filled + take, p + take
         return j, segments
 
+    def step_tokens(self, bucket_tokens: list[int]) -> Iterator[int]:
+        """Tokens of each step in order (batch x the tokens of its bucket's images), from step 0 on."""
+        g = 0
+        while True:
+            epoch, s = divmod(g, self.steps)
+            yield self.batch * bucket_tokens[self.schedule(epoch)[s][0]]
+            g += 1
+
+    def tokens_before(self, nimg: int, bucket_tokens: list[int]) -> int:
+        """Tokens of the steps before `nimg` (a multiple of the batch): what a job has seen at nimg."""
+        steps = self.step_tokens(bucket_tokens)
+        return sum(next(steps) for _ in range(nimg // self.batch))
+
+    def nimg_for_tokens(self, tokens: int, bucket_tokens: list[int]) -> int:
+        """The first step boundary at which the steps so far hold at least `tokens` tokens."""
+        seen, g = 0, 0
+        for step in self.step_tokens(bucket_tokens):
+            if seen >= tokens:
+                break
+            seen, g = seen + step, g + 1
+        return g * self.batch
+
     def window_shards(self, j: int, epoch: int, w: int) -> list[int]:
         """The job's shard ids (positions in its manifest) of bucket j's window w in `epoch`."""
         return [self.shards[j][s] for s in self.orders[j].windows(epoch)[0][w]]

@@ -5,9 +5,10 @@ Experts share one budget, `training.total_nimg`, split evenly over K (unless the
 the same number of images with the same FLOPs per image: FLOP matching by construction (paper §4.1).
 Training FLOPs are estimated as 3 x forward FLOPs per image x images (forward + backward), the same
 estimate the training loop's MFU uses. Images and tokens are both reported: with aspect-ratio buckets
-(data.buckets) an image's tokens, (H / p) x (W / p), depend on its bucket, so the FLOPs lie between those
-of the bucket with the fewest tokens and the one with the most (where in that range depends on the rows
-per bucket, known after prepare: `ddm status`).
+(data.buckets) an image's tokens, (H / p) x (W / p), depend on its bucket, so with an image budget the FLOPs
+lie between those of the bucket with the fewest tokens and the one with the most (where in that range
+depends on the rows per bucket, known after prepare: `ddm status`). `training.budget_unit = tokens` matches
+tokens instead: each job trains until it has seen the tokens of its images at the data.image_size square.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def training_budget(config: RunConfig) -> dict[str, Any]:
         "buckets": buckets,
         "rule": ("training.duration_nimg (per-expert override)" if config.training.duration_nimg is not None
                  else "training.total_nimg split over K"),
-        "num_experts": k, "latent_shape": shape,
+        "num_experts": k, "latent_shape": shape, "budget_unit": config.training.budget_unit,
         "per_expert_nimg": per_expert, "per_expert_batch": batch, "per_expert_steps": math.ceil(per_expert / batch),
         "experts_total_nimg": per_expert * k, "experts_train_flops": expert_flops * per_expert * k,
         "router_nimg": config.router_nimg, "router_batch": router_batch,
@@ -81,7 +82,10 @@ def format_budget(b: dict[str, Any]) -> str:
     shape = "x".join(map(str, b["latent_shape"]))
     return "\n".join([
         f"# budget ({b['rule']}; latents {shape}; FLOPs = 3 x forward x images):",
-        f"#   per expert: {b['per_expert_nimg']:,} images = {b['per_expert_steps']:,} steps of batch {b['per_expert_batch']}",
+        f"#   per expert: {b['per_expert_nimg']:,} images = {b['per_expert_steps']:,} steps of batch {b['per_expert_batch']}"
+        if b["budget_unit"] == "images" else
+        f"#   per expert: {b['per_expert_nimg'] * b['tokens_per_image']:,} tokens (budget_unit = tokens: the tokens of "
+        f"{b['per_expert_nimg']:,} images at {shape}; each expert's images follow from its buckets' tokens)",
         f"#   experts total (K = {b['num_experts']}): {b['experts_total_nimg']:,} images, "
         f"{b['experts_train_flops']:.3e} training FLOPs",
         f"#   router: {b['router_nimg']:,} images = {b['router_steps']:,} steps of batch {b['router_batch']}, "

@@ -21,7 +21,7 @@ import bisect
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -208,6 +208,30 @@ class PartitionStream:
         header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
         return list(header["latents"]["shape"][1:])
 
+    def bucket_tokens(self, patch: int) -> dict[tuple[int, int], int] | None:
+        """Tokens of one image per bucket, (h / p) x (w / p) of its latent grid (one shard header per bucket);
+        None without buckets."""
+        out: dict[tuple[int, int], int] = {}
+        for ref in self.shards:
+            if ref.bucket is not None and tuple(ref.bucket) not in out:
+                raw = self.store.get_payload(ref)
+                h, w = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["latents"]["shape"][2:]
+                out[tuple(ref.bucket)] = (h // patch) * (w // patch)  # type: ignore[index]
+        return out or None
+
+    def token_counter(self, batch: int, seed: int, patch: int) -> tuple[Callable[[int], int], Callable[[int], int]]:
+        """(tokens seen at nimg, the nimg at which a token budget is reached) for this job's data order."""
+        per_bucket = self.bucket_tokens(patch)
+        if per_bucket is None:
+            per_image = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
+            return (lambda nimg: nimg * per_image), (lambda tokens: -(-tokens // (batch * per_image)) * batch)
+        from worker.bucket_data import BucketOrder
+
+        order = BucketOrder([s.bucket for s in self.shards], [s.rows for s in self.shards], seed,  # type: ignore[misc]
+                            self.window_rows, batch)
+        costs = [per_bucket[b] for b in order.buckets]
+        return (lambda nimg: order.tokens_before(nimg, costs)), (lambda tokens: order.nimg_for_tokens(tokens, costs))
+
     def text_length(self) -> int:
         """Tokens per caption (text_tokens [N, L, D]), from the first shard's header."""
         raw = self.store.get_payload(self.shards[0])
@@ -331,8 +355,8 @@ def load_partition(store: RunStore, manifest_key: str, kind: str) -> TrainData:
     part = open_partition(store, manifest_key, kind)
     buckets = sorted({tuple(s.bucket) for s in part.shards if s.bucket is not None})
     if len(buckets) > 1:  # rows of several shapes cannot be one tensor
-        raise UsageError(f"{manifest_key}: rows in {len(buckets)} aspect-ratio buckets (data.buckets); evaluation and "
-                         f"distillation take one shape and are not built for bucketed runs yet")
+        raise UsageError(f"{manifest_key}: rows in {len(buckets)} aspect-ratio buckets (data.buckets); distillation "
+                         f"takes one shape and is not built for bucketed runs (ddm eval judges them per shape)")
     window = part.load_window(list(range(len(part.shards))))
     return TrainData(latents=window["latents"].float(), labels=window["labels"].long(), cluster=window.get("cluster"),
                      text_tokens=window.get("text_tokens"), latent_shape=part.latent_shape,

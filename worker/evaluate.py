@@ -113,8 +113,8 @@ def _load_rows(store: RunStore, refs: list[ShardRef], ds: DatasetManifest | None
 
     buckets = sorted({tuple(r.bucket) for r in refs if r.bucket is not None})
     if len(buckets) > 1:  # rows of several shapes cannot be one tensor
-        raise UsageError(f"ddm eval: the dataset holds {len(buckets)} aspect-ratio buckets (data.buckets); "
-                         f"evaluation takes one shape and is not built for bucketed runs yet")
+        raise UsageError(f"the dataset holds {len(buckets)} aspect-ratio buckets (data.buckets): these rows must be "
+                         f"loaded one bucket at a time (worker/eval_buckets.py)")
     parts = []
     for ref in refs:
         t = load_file(str(store.local_copy(ref)))
@@ -318,12 +318,15 @@ def fid_weights(path: str | None) -> str | None:
 def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int | None = None,
              strategies: list[str] | None = None, seed: int = 0, seeds: int | None = None,
              log: Callable[[str], None] = lambda s: None, inception: str | None = None,
-             allow_external_models: bool = False, device: str | torch.device = "auto") -> dict:
+             allow_external_models: bool = False, device: str | torch.device = "auto",
+             compare: dict[str, RunStore] | None = None) -> dict:
     """Every strategy (and the student) sampled with `seeds` sampling seeds (seed, seed + 1, ...) on
     `device` ("auto": CUDA when visible) and scored on the CPU; each metric is reported as the mean and the
     half-width of its 95% Student-t interval over seeds.
     `inception`: FID Inception-v3 weights (a state dict) for image runs, else DDM_INCEPTION_WEIGHTS.
-    `allow_external_models`: see `Ensemble.load` (the VAE named by the run)."""
+    `allow_external_models`: see `Ensemble.load` (the VAE named by the run).
+    A bucketed run (rows of several shapes) gets class accuracy per bucket shape instead (worker/eval_buckets.py);
+    `compare` = {name: run store} adds other runs sampled at its shapes and judged by the same classifier."""
     inception = fid_weights(inception)
     config = config or run_config(store)
     dataset = store.read_record("data/dataset.json", DatasetManifest)
@@ -332,6 +335,17 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
     ensemble = Ensemble.load(store, device=device, allow_external_models=allow_external_models)
     n = num_samples or config.eval.num_samples
     seed_list = list(range(seed, seed + (seeds or config.eval.seeds)))
+    if len({tuple(s.bucket) for s in dataset.shards if s.bucket is not None}) > 1:  # several shapes: per-shape metrics
+        from worker import eval_buckets
+
+        others = {name: Ensemble.load(other, device=device, allow_external_models=allow_external_models)
+                  for name, other in (compare or {}).items()}
+        results = eval_buckets.evaluate_buckets(store, config, dataset, ensemble, n, seed_list, others, log)
+        store.write_bytes("eval/results.json", json.dumps(results, indent=2).encode())
+        store.write_bytes("eval/results.md", eval_buckets.to_markdown(results).encode())
+        return results
+    if compare:
+        raise EvalError("ddm eval --compare: other runs are judged at this run's bucket shapes; this run has one shape")
     strategies = strategies or list(config.eval.strategies)
     unknown = [s for s in strategies if s not in STRATEGIES or s == "single"]
     if unknown:

@@ -59,6 +59,9 @@ class TrainJob(BaseModel):
     seed: int = 0
     island: str = "local"
     num_experts: int = Field(1, ge=1)
+    duration_tokens: int | None = Field(None, ge=1, description=(
+        "training.budget_unit = tokens: train to the first step at which this many tokens were seen (a pure "
+        "function of the data order); None = training.duration_nimg images."))
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainJob:
@@ -68,11 +71,19 @@ class TrainJob(BaseModel):
         return self
 
 
+def token_budget(config: RunConfig, training: TrainingConfig, model: ModelConfig, nimg: int) -> int | None:
+    """budget_unit = tokens: `nimg` images' tokens at the data.image_size square; None for an image budget."""
+    from worker.budget import latent_shape, tokens
+
+    return nimg * tokens(latent_shape(config), model.patch_size) if training.budget_unit == "tokens" else None
+
+
 def expert_job(config: RunConfig, k: int, island: IslandConfig) -> TrainJob:
     batch = config.expert_batch
     return TrainJob(name=job_name(k), kind="expert", prefix=expert_prefix(k),
                     manifest_key=manifest_key(expert_prefix(k)), model=config.model,
                     training=config.training.model_copy(update={"duration_nimg": config.expert_nimg}),
+                    duration_tokens=token_budget(config, config.training, config.model, config.expert_nimg),
                     batch=batch, micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 100 + k),
                     island=island.name, num_experts=config.clustering.num_experts)
@@ -83,6 +94,7 @@ def router_job(config: RunConfig, island: IslandConfig) -> TrainJob:
     return TrainJob(name=ROUTER, kind="router", prefix=ROUTER, manifest_key=manifest_key(ROUTER),
                     model=config.router.model,
                     training=config.router.training.model_copy(update={"duration_nimg": config.router_nimg}), batch=batch,
+                    duration_tokens=token_budget(config, config.router.training, config.router.model, config.router_nimg),
                     micro_batch=island.micro_batch(batch), auto_micro_batch=island.per_worker_batch == "auto",
                     num_workers=island.num_workers, use_gpu=island.use_gpu, seed=mix_seed(config.seed, 99),
                     island=island.name, num_experts=config.clustering.num_experts)
@@ -164,6 +176,10 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     """
     tc = job.training
     end = tc.duration_nimg if tc.duration_nimg is not None else tc.total_nimg  # expert_job/router_job resolve it
+    data = open_partition(store, job.manifest_key, job.kind, tc.data_window_rows)  # streamed, bounded memory
+    tokens_at, nimg_for_tokens = data.token_counter(job.batch, job.seed, job.model.patch_size)
+    if job.duration_tokens is not None:  # budget_unit = tokens: equal FLOPs whatever the job's buckets
+        end = nimg_for_tokens(job.duration_tokens)
     done = store.read_record(export_key(job.prefix), ExportRecord)
     if done is not None and done.nimg >= end:
         return done
@@ -174,7 +190,6 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
         device = training_device(job.use_gpu, job.island, job.name)  # use_gpu without CUDA is an error
     check_training_device(device, job.use_gpu, job.island, job.name)
     configure_numerics(tc.tf32, tc.deterministic)
-    data = open_partition(store, job.manifest_key, job.kind, tc.data_window_rows)  # streamed, bounded memory
     torch.manual_seed(job.seed)  # identical initial weights on every worker
     model = _build(job, data).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -187,7 +202,7 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     parts = StepParts(model, ema, opt, *wrap_for_training(model, device, tc, world), device, tc, world)
     pos = worker_positions(job.batch, mb, rank, world).to(device)
     accum, null = job.batch // (mb * world), model.config.num_classes
-    meter = _Meter(job, model, device, rank, nimg)
+    meter = _Meter(job, model, device, rank, nimg, tokens_at(nimg))
     for batch in data.stream(nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device, job.seed):
         gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
         shape = list(batch["x0"].shape[1:])  # the step's grid: with aspect-ratio buckets, its bucket's
@@ -221,13 +236,14 @@ def _round_up(n: int, k: int) -> int:
 class _Meter:
     """Losses and router stats since the last log; img/s, step time and MFU over the log interval."""
 
-    def __init__(self, job: TrainJob, model, device: torch.device, rank: int, nimg: int) -> None:
+    def __init__(self, job: TrainJob, model, device: torch.device, rank: int, nimg: int, tokens: int) -> None:
         self.job, self.device, self.rank, self.last = job, device, rank, {}
         self.model, self.flops = model, 0.0  # training FLOPs since the last log: forward + backward ~ 3x forward
         self._per_image: dict[tuple[int, int], float] = {}
         self.peak = matmul_tflops(device, seconds=0.2) * job.num_workers if rank == 0 else 0.0
         self.tensorboard: TensorBoardLog | None = None  # rank 0's, opened at its first log
         self.start, self.nimg0 = time.perf_counter(), nimg
+        self.tokens, self.patch = tokens, model.config.patch_size  # tokens seen: images x each step's grid
         self.resumed_from = nimg or None  # logged once: a resume (after a crash or a preemption) shows in the log
         self.losses: list[torch.Tensor] = []
         self.stats: list[dict] = []
@@ -237,6 +253,7 @@ class _Meter:
         if grid not in self._per_image:
             self._per_image[grid] = 3 * self.model.flops_per_image(grid)
         self.flops += self._per_image[grid] * self.job.batch
+        self.tokens += self.job.batch * (grid[0] // self.patch) * (grid[1] // self.patch)
 
     def add(self, loss: torch.Tensor, stats: dict | None) -> None:
         self.losses.append(loss)
@@ -251,7 +268,7 @@ class _Meter:
         elapsed = time.perf_counter() - self.start
         img_s = (nimg - self.nimg0) / max(elapsed, 1e-9)
         steps = max(1, (nimg - self.nimg0) // self.job.batch)
-        row = {"nimg": nimg, "step": step, "loss": loss, "img_per_s": img_s, "step_time_s": elapsed / steps,
+        row = {"nimg": nimg, "tokens": self.tokens, "step": step, "loss": loss, "img_per_s": img_s, "step_time_s": elapsed / steps,
                "mfu": self.flops / max(elapsed, 1e-9) / (self.peak * 1e12) if self.peak else 0.0,
                "eta_s": max(0, end - nimg) / max(img_s, 1e-9), "duration_nimg": end, "time": time.time()}
         if self.stats:

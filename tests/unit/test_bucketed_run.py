@@ -36,6 +36,7 @@ def _config():
     cfg.training.global_batch, cfg.training.total_nimg = 4 * BATCH, 4 * 24 * BATCH
     cfg.training.checkpoint_every_nimg, cfg.training.log_every_nimg, cfg.training.sample_every_nimg = 128, 128, 192
     cfg.router.training.global_batch, cfg.router.training.total_nimg = 32, 8 * 32
+    cfg.sampling.steps = 4
     return cfg
 
 
@@ -153,6 +154,51 @@ def test_order_is_a_pure_function_of_seed_and_nimg():
         a.step(4)
 
 
+def test_token_counts_follow_the_bucket_of_every_step():
+    order = BucketOrder([(8, 4), (4, 8), (8, 8)], [50, 20, 30], seed=5, window_rows=16, batch=8)
+    cost = [2, 2, 4]  # tokens per image of each bucket, in order.buckets' order
+    steps = [8 * cost[order.step(8 * g)[0]] for g in range(40)]  # across epoch boundaries (13 steps each)
+    assert [order.tokens_before(8 * g, cost) for g in (0, 1, 13, 40)] == [0, steps[0], sum(steps[:13]), sum(steps)]
+    for budget in (1, steps[0], steps[0] + 1, sum(steps[:27]) - 1, sum(steps[:27])):
+        nimg = order.nimg_for_tokens(budget, cost)  # the first step boundary holding the budget
+        assert order.tokens_before(nimg, cost) >= budget > order.tokens_before(nimg - 8, cost), budget
+
+
+def test_a_token_budget_gives_every_expert_the_same_tokens_not_images(prepared_root, tmp_path):
+    """budget_unit = tokens: each expert trains to the first step at which it has seen the tokens of its
+    image budget at the 16x16 square, whatever mix of 15- and 16-token buckets its partition holds; the log
+    rows and the export report both images and tokens, and a resumed job counts tokens exactly."""
+    cfg = _config()
+    cfg.training.budget_unit = "tokens"
+    store = RunStore(str(shutil.copytree(prepared_root, tmp_path / "run")))
+    short = 20 * BATCH  # per-expert images at 16 tokens each
+    budget, seen = 16 * short, {}
+    for k in range(cfg.clustering.num_experts):
+        job = expert_job(cfg, k, cfg.islands.pool[0]).model_copy(update={"duration_tokens": 16 * short})
+        assert expert_job(cfg, k, cfg.islands.pool[0]).duration_tokens == 16 * cfg.expert_nimg
+        export = train(job, job_store(store, job))
+        rows = [json.loads(line) for line in store.read_bytes(f"experts/{k:02d}/metrics.jsonl").decode().splitlines()]
+        tokens, nimg = rows[-1]["tokens"], rows[-1]["nimg"]
+        assert export.nimg == nimg and budget <= tokens < budget + 16 * BATCH, (k, tokens)
+        seen[k] = (nimg, tokens)
+    # every partition holds 15-token rows (12x20, 20x12), so each expert needs more images than 20 steps give
+    assert all(nimg > short for nimg, _ in seen.values()), seen
+    job = expert_job(cfg, 0, cfg.islands.pool[0]).model_copy(update={"duration_tokens": 2 * budget})
+    train(job, job_store(store, job))  # resumes at experts/00's export, counting its tokens from the data order
+    rows = [json.loads(line) for line in store.read_bytes("experts/00/metrics.jsonl").decode().splitlines()]
+    straight = RunStore(str(shutil.copytree(prepared_root, tmp_path / "straight")))
+    train(job, job_store(straight, job))
+    again = [json.loads(line) for line in straight.read_bytes("experts/00/metrics.jsonl").decode().splitlines()]
+    assert (rows[-1]["nimg"], rows[-1]["tokens"]) == (again[-1]["nimg"], again[-1]["tokens"])
+    assert 2 * budget <= rows[-1]["tokens"] < 2 * budget + 16 * BATCH
+    from common.manifests import RunRecord
+    from orchestrator.status import collect_status, format_status
+
+    store.commit("run.json", RunRecord(name="b", config={}, config_fingerprint="f", code_version="x", created_at="now"))
+    text = format_status(collect_status(store))  # images and tokens side by side
+    assert "tokens seen" in text and f"{rows[-1]['nimg']:,}" in text and f"{rows[-1]['tokens']:,}" in text
+
+
 def test_bucketed_training_resumes_bit_exactly(prepared_root, tmp_path):
     """In-process mirror of the SIGKILL test with buckets on: stop mid-run, resume, compare with a straight run."""
     cfg = _config()
@@ -212,6 +258,9 @@ def test_config_show_reports_images_and_tokens_per_bucket():
     assert budget["buckets"][0]["train_flops_per_image"] < budget["buckets"][1]["train_flops_per_image"]
     text = format_budget(budget)
     assert "15 to 16 tokens per image" in text and f"{15 * budget['experts_total_nimg']:,} to" in text
+    tokens = _config()
+    tokens.training.budget_unit = "tokens"
+    assert f"per expert: {16 * tokens.expert_nimg:,} tokens (budget_unit = tokens" in format_budget(training_budget(tokens))
     square = _config()
     square.data.buckets = {"enabled": False}
     assert training_budget(square)["buckets"] == [] and "buckets" not in format_budget(training_budget(square))
@@ -225,32 +274,69 @@ def test_whole_partition_readers_refuse_bucketed_rows_in_one_line(prepared):
     with pytest.raises(UsageError, match=r"^experts/00/manifest.json: rows in 3 aspect-ratio buckets") as err:
         load_partition(prepared, "experts/00/manifest.json", "expert")
     assert "\n" not in str(err.value)
-    with pytest.raises(UsageError, match=r"^ddm eval: the dataset holds 3 aspect-ratio buckets"):
+    with pytest.raises(UsageError, match=r"^the dataset holds 3 aspect-ratio buckets .data.buckets.: these rows"):
         training_split(prepared, prepared.read_record("data/dataset.json", DatasetManifest))
     part = open_partition(prepared, "experts/00/manifest.json", "expert")
     assert part.largest_latent_shape() == [3, 16, 16]  # 16x16 = 256 pixels beats 12x20 = 240
 
 
-def test_a_bucketed_ensemble_samples_at_non_square_bucket_shapes(prepared_root, tmp_path):
-    from orchestrator.cmd_results import latent_size
-    from worker.ensemble import Ensemble
+@pytest.fixture(scope="module")
+def gathered_root(prepared_root, tmp_path_factory):
+    """The bucketed run with briefly trained experts and router, gathered into an ensemble."""
+    from orchestrator.stages import StageRunner
     from worker.gather import gather
 
     cfg = _config()
-    store = RunStore(str(shutil.copytree(prepared_root, tmp_path / "ensemble")))
+    root = shutil.copytree(prepared_root, tmp_path_factory.mktemp("gathered") / "run")
+    store = RunStore(str(root))
+    StageRunner(store, cfg.model_copy(update={"run_uri": str(root)})).write_run_record()  # what `ddm eval` opens
     for k in range(cfg.clustering.num_experts):
         job = expert_job(cfg, k, cfg.islands.pool[0])
         train(job.model_copy(update={"training": job.training.model_copy(update={"duration_nimg": 4 * BATCH})}),
               job_store(store, job))
     train(router_job(cfg, cfg.islands.pool[0]), job_store(store, router_job(cfg, cfg.islands.pool[0])))
     gather(cfg, store)
-    ensemble = Ensemble.load(store)
+    return root
+
+
+def test_a_bucketed_ensemble_samples_at_non_square_bucket_shapes(gathered_root):
+    from orchestrator.cmd_results import latent_size
+    from worker.ensemble import Ensemble
+
+    cfg = _config()
+    ensemble = Ensemble.load(RunStore(str(gathered_root)))
     assert ensemble.manifest.latents["pixel_factor"] == 1
     for width, height in [(12, 20), (20, 12)]:  # ddm sample --size WxH on a run whose latent shape is a bucket's
         size = latent_size((width, height), ensemble, cfg)
         assert size == (height, width)
         x = ensemble.sample(2, "top1", steps=2, classes=[0, 1], size=size)
         assert x.shape == (2, 3, height, width) and torch.isfinite(x).all()
+
+
+def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathered_root, tmp_path, capsys):
+    """Class accuracy at every bucket shape under a classifier that takes any shape; the classifier itself reads
+    the real held-out rows of each shape correctly, and a compared run is sampled at the same shapes."""
+    from orchestrator.cli import main
+    from orchestrator.report import _eval
+
+    run = shutil.copytree(gathered_root, tmp_path / "run")
+    other = shutil.copytree(gathered_root, tmp_path / "other")
+    assert main(["eval", str(run), "--json", "--n", "30", "--seeds", "2", "--compare", f"same={other}"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["bucket"] for r in res["shapes"]] == ["12x20", "16x16", "20x12"]
+    assert res["chance_class_acc"] == 0.25
+    for r in res["shapes"]:
+        assert r["heldout_rows"] >= 5 and r["real_heldout_acc"] >= 0.8, r  # shapes are easy: the judge works
+        mine, same = r["models"]["this run"], r["models"]["same"]
+        assert len(mine["per_seed"]) == 2 and mine["class_acc_ci95"] is not None
+        assert mine == same  # the same weights, seeds and shape give the same samples and the same verdicts
+    assert main(["eval", str(run), "--n", "8", "--seeds", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| shape (WxH px) | held-out rows | real held-out | this run |" in table and "| 20x12 |" in table
+    page = _eval(RunStore(str(run)), _config(), run_eval=False, allow_external_models=False, device=torch.device("cpu"))
+    assert "real held-out acc." in page and "20x12" in page
+    assert main(["eval", str(run), "--compare", "nameless"]) == 2
+    assert "--compare 'nameless': expected NAME=RUN" in capsys.readouterr().err
 
 
 def test_unbucketed_records_serialise_as_before_and_a_bad_bucket_is_refused():
@@ -355,13 +441,6 @@ def test_vae_dinov2_and_clip_prepare_per_bucket_and_a_text_expert_trains(tiny_mo
     cluster_data(cfg, store)
     job = expert_job(cfg, 0, cfg.islands.pool[0])
     assert train(job, job_store(store, job)).nimg == 32
-
-
-def test_the_report_says_a_bucketed_run_is_not_evaluated(prepared):
-    from orchestrator.report import _eval
-
-    page = _eval(prepared, _config(), run_eval=True, allow_external_models=False, device=torch.device("cpu"))
-    assert "Not evaluated" in page and "aspect-ratio buckets" in page
 
 
 def test_the_ray_data_map_functions_carry_buckets(tmp_path):

@@ -1,0 +1,70 @@
+"""Aspect-ratio buckets against square-only training, judged at each bucket's shape.
+
+Two `ddm run`s (local Ray) on the same mixed-aspect builtin:shapes source (ratios 0.5, 1, 2), same budget:
+- bucketed: data.buckets on, each image resized to its nearest bucket (12x20, 16x16, 20x12 pixels);
+- square-only: buckets off, each image centre-cropped to the 16x16 square (what a square pipeline does).
+Then `ddm eval <bucketed> --compare square-only=<square>` samples both ensembles class-conditionally at every
+bucket shape and judges each sample with one shape-agnostic classifier trained on the bucketed run's
+training rows; the reference is that classifier on the real held-out rows of each shape.
+
+    python benchmarks/bucket_eval.py --out-dir /tmp/ddm-buckets --results benchmarks/results
+Writes <results>/bucket_eval.json (the whole `ddm eval --json` output plus the commands and wall times) and
+prints the table. A run that already finished is not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RATIOS = "data.shapes_aspect_ratios=[0.5,1,2]"
+
+
+def ddm(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        raise SystemExit(f"ddm {' '.join(args)} failed: {last}")
+    return out.stdout
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", default="runs/buckets", help="the two run stores (not committed)")
+    parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--total-nimg", type=int, default=256_000, help="training images over all experts, each run")
+    parser.add_argument("--n", type=int, default=256, help="samples per shape, model and seed")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    out, results = Path(args.out_dir), Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    runs = {"bucketed": ["--set", "data.buckets.enabled=true"], "square-only": []}
+    commands, walls = {}, {}
+    for name, extra in runs.items():
+        cmd = ["run", "--preset", "shapes", "--run", str(out / name), "--quiet", "--set", RATIOS,
+               "--set", f"training.total_nimg={args.total_nimg}", *extra]
+        commands[name] = "ddm " + " ".join(cmd)
+        t0 = time.perf_counter()
+        ddm(*cmd)
+        walls[name] = round(time.perf_counter() - t0, 1)
+    cmd = ["eval", str(out / "bucketed"), "--json", "--n", str(args.n), "--seeds", str(args.seeds),
+           "--compare", f"square-only={out / 'square-only'}"]
+    commands["eval"] = "ddm " + " ".join(cmd)
+    t0 = time.perf_counter()
+    res = json.loads(ddm(*cmd))
+    walls["eval"] = round(time.perf_counter() - t0, 1)
+    (results / "bucket_eval.json").write_text(json.dumps({"commands": commands, "wall_s": walls, **res}, indent=2) + "\n")
+    sys.path.insert(0, str(ROOT))
+    from worker.eval_buckets import to_markdown
+
+    print(f"runs: {walls} (s; a run that was already finished takes seconds)")
+    print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()
