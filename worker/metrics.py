@@ -120,6 +120,13 @@ class TensorBoardLog:
             with open(os.path.join(self._scratch.name, name), "rb") as handle:
                 self.store.write_bytes(f"{self.prefix}/{name}", handle.read())
 
+    def close(self) -> None:
+        """Stop the writer's thread and remove the scratch folder (every row is already in the store)."""
+        if self.writer is not None:
+            self.writer.close()
+            self._scratch.cleanup()
+            self.writer = None
+
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None,
                   seconds: float = 0.5) -> float:

@@ -10,6 +10,7 @@ checkpoint is bit-identical on CPU, and W workers reproduce one worker up to flo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import io
@@ -202,26 +203,26 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     parts = StepParts(model, ema, opt, *wrap_for_training(model, device, tc, world), device, tc, world)
     pos = worker_positions(job.batch, mb, rank, world).to(device)
     accum, null = job.batch // (mb * world), model.config.num_classes
-    meter = _Meter(job, model, device, rank, nimg, tokens_at(nimg))
-    for batch in data.stream(nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device, job.seed):
-        gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
-        shape = list(batch["x0"].shape[1:])  # the step's grid: with aspect-ratio buckets, its bucket's
-        t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
-        micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
-        lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
-        train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
-        meter.count((shape[1], shape[2]))
-        nimg, step = nimg + job.batch, step + 1
-        logged = _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end
-        row = meter.log(store, nimg, step, end, on_progress) if logged else {}
-        ckpt_key = None
-        if (checkpointed := _crossed(nimg, job.batch, tc.checkpoint_every_nimg) or nimg >= end) and rank == 0:
-            save_checkpoint(store, job.prefix, job.name, nimg, step, model, ema, opt, tc.keep_checkpoints, meter.last)
-            ckpt_key = f"{job.prefix}/checkpoints/{nimg:012d}.json"
-        if on_report is not None and (logged or checkpointed):
-            on_report(row, ckpt_key)
-        if rank == 0 and job.kind != "router" and (_crossed(nimg, job.batch, tc.sample_every_nimg) or nimg >= end):
-            _sample_grid(store, job, ema, nimg, device)
+    with contextlib.closing(_Meter(job, model, device, rank, nimg, tokens_at(nimg))) as meter:  # closes its TB writer
+        for batch in data.stream(nimg, _round_up(end, job.batch), job.batch, pos.cpu(), device, job.seed):
+            gen = torch.Generator(device).manual_seed(mix_seed(job.seed, 2, nimg))
+            shape = list(batch["x0"].shape[1:])  # the step's grid: with aspect-ratio buckets, its bucket's
+            t, eps, drop = (d[pos] for d in step_draws(job, shape, gen, device))  # this worker's rows [n, ...]
+            micro = functools.partial(_micro_batch_loss, job, null, mb, batch, t, eps, drop)
+            lr = tc.lr * min(1.0, (nimg + job.batch) / tc.warmup_nimg) if tc.warmup_nimg else tc.lr
+            train_step(parts, micro, accum, job.batch // world, lr, step, meter.add)
+            meter.count((shape[1], shape[2]))
+            nimg, step = nimg + job.batch, step + 1
+            logged = _crossed(nimg, job.batch, tc.log_every_nimg) or nimg >= end
+            row = meter.log(store, nimg, step, end, on_progress) if logged else {}
+            ckpt_key = None
+            if (checkpointed := _crossed(nimg, job.batch, tc.checkpoint_every_nimg) or nimg >= end) and rank == 0:
+                save_checkpoint(store, job.prefix, job.name, nimg, step, model, ema, opt, tc.keep_checkpoints, meter.last)
+                ckpt_key = f"{job.prefix}/checkpoints/{nimg:012d}.json"
+            if on_report is not None and (logged or checkpointed):
+                on_report(row, ckpt_key)
+            if rank == 0 and job.kind != "router" and (_crossed(nimg, job.batch, tc.sample_every_nimg) or nimg >= end):
+                _sample_grid(store, job, ema, nimg, device)
     if rank == 0:
         save_export(store, job.prefix, job.name, job.kind, nimg, ema, meter.last)
     if world > 1:
@@ -247,6 +248,10 @@ class _Meter:
         self.resumed_from = nimg or None  # logged once: a resume (after a crash or a preemption) shows in the log
         self.losses: list[torch.Tensor] = []
         self.stats: list[dict] = []
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def count(self, grid: tuple[int, int]) -> None:
         """One step of job.batch images at latent grid (H, W): with aspect-ratio buckets grids differ per step."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -59,6 +60,10 @@ def test_checkpoints_export_metrics_and_samples(two_experts):
     two_experts.write_bytes("experts/00/checkpoints/000000999999-deadbeef/model.safetensors", b"torn")
     record = train(job, job_store(two_experts, job), on_progress=seen.append)
     assert record.nimg == 16 * 12 and record.kind == "expert"
+    # The TensorBoard writer is closed (its events are in the store): no thread of it outlives the job to
+    # fail at interpreter exit, as it did in pool workers.
+    assert two_experts.list("tb/expert-00")
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_EventLoggerThread" and t.is_alive()]
     keys = checkpoint_records(two_experts, "experts/00")
     assert [k.rsplit("/", 1)[1] for k in keys] == ["000000000128.json", "000000000192.json"]  # kept the last 2
     assert not any("deadbeef" in k or "000000000064" in k for k in two_experts.list("experts/00/checkpoints"))
