@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from common.buckets import BucketConfig
 from common.config import (
     ClusteringConfig,
     DataConfig,
@@ -132,7 +133,13 @@ def imagenet_xl2() -> RunConfig:
 
 
 def laion_xl2() -> RunConfig:
-    return _paper("laion-xl2", "s3://datasets/laion-aesthetic/shards/", 1024, "text")
+    """Captioned web photos in every aspect ratio: aspect-ratio buckets of about 256^2 pixels (sides multiples
+    of the VAE factor 8 x patch 2), and budgets that match tokens rather than images between experts."""
+    config = _paper("laion-xl2", "s3://datasets/laion-aesthetic/shards/", 1024, "text")
+    config.data.buckets = BucketConfig(enabled=True, max_aspect=2.0)
+    config.training.budget_unit = "tokens"
+    config.router.training.budget_unit = "tokens"
+    return config
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {

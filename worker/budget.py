@@ -100,6 +100,11 @@ def _bucket_lines(b: dict[str, Any]) -> list[str]:
     images = b["experts_total_nimg"]
     lo = min(b["buckets"], key=lambda c: c["tokens"])
     hi = max(b["buckets"], key=lambda c: c["tokens"])
+    if b["budget_unit"] == "tokens":
+        total = b["experts_total_tokens"]
+        return [f"#   aspect-ratio buckets ({len(b['buckets'])}): {lo['tokens']:,} to {hi['tokens']:,} tokens per image; "
+                f"experts total {total:,} tokens whatever the buckets, that is {total // hi['tokens']:,} to "
+                f"{total // lo['tokens']:,} images (where in the range: rows per bucket, `ddm status` after prepare)"]
     return [f"#   aspect-ratio buckets ({len(b['buckets'])}): {lo['tokens']:,} to {hi['tokens']:,} tokens per image; "
             f"experts total {lo['tokens'] * images:,} to {hi['tokens'] * images:,} tokens, "
             f"{lo['train_flops_per_image'] * images:.3e} to {hi['train_flops_per_image'] * images:.3e} training FLOPs "

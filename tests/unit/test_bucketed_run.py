@@ -261,6 +261,12 @@ def test_config_show_reports_images_and_tokens_per_bucket():
     tokens = _config()
     tokens.training.budget_unit = "tokens"
     assert f"per expert: {16 * tokens.expert_nimg:,} tokens (budget_unit = tokens" in format_budget(training_budget(tokens))
+    from common.presets import laion_xl2
+
+    laion = laion_xl2()  # the paper's text-to-image shape: captions + CLIP, buckets, token budgets
+    assert laion.data.buckets.enabled and laion.data.captions and laion.text.encoder == "clip"
+    assert laion.training.budget_unit == laion.router.training.budget_unit == "tokens"
+    assert "tokens whatever the buckets" in format_budget(training_budget(laion))
     square = _config()
     square.data.buckets = {"enabled": False}
     assert training_budget(square)["buckets"] == [] and "buckets" not in format_budget(training_budget(square))
