@@ -7,12 +7,14 @@ custom resources, so the same scheduling path runs as on a cluster.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,6 +152,9 @@ def connect_ray(config: RunConfig, address: str | None,
     """Connect to a cluster (address / RAY_ADDRESS) or start a local instance. Returns (local, dashboard)."""
     if ray.is_initialized():
         return False, None
+    # Prepare's Ray Data pipeline and Ray Train both import ray.data (seconds of CPU on a small machine):
+    # import it while ray.init waits on the processes it starts, not after.
+    threading.Thread(target=importlib.import_module, args=("ray.data",), name="ddm-import", daemon=True).start()
     address = address or os.environ.get("RAY_ADDRESS")
     env = driver_runtime_env()
     if address:

@@ -41,6 +41,7 @@ from common.buckets import Bucket, nearest_bucket, resize_plan
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+EXIF_ORIENTATION = 0x0112  # the EXIF tag exif_transpose acts on; 1 = upright
 
 
 class Quarantined(Exception):
@@ -75,6 +76,8 @@ def _open_upright(data: bytes, size: int, max_pixels: int) -> Image.Image:
     if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
         img.draft(img.mode, (size, size))  # decode at a reduced DCT scale, never below `size`
     img.load()
+    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return img  # upright already: exif_transpose would only copy it
     return ImageOps.exif_transpose(img)
 
 

@@ -58,6 +58,9 @@ PLAN_SECTIONS = ("seed", "data", "features", "latents", "text")  # what a shard'
 PCA_FIT_ROWS = 8192
 
 
+STEADY_MIN_SHARDS = 4  # fewer shards after the first: their arrival gaps say nothing about a rate
+
+
 def plan_id(config: RunConfig, items: list[Item], source_fingerprint: str | None = None) -> str:
     """What decides every shard's bytes: the output-changing config sections, the items, and the source's
     content listing (worker/listing.py) when the stage has one, so an edited file changes the plan."""
@@ -342,5 +345,6 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
                  "encode_processes": sorted({p.encoder_pid for p in parts.values() if p.shard in pending}),
                  "resumed_shards": len(kept), "listing_s": round(listed - t0, 3),
                  "first_shard_s": round(first - t0, 3),  # listing + pipeline start-up (worker processes)
+                 # rows after the first shard over their time: a rate only where several shards follow the first
                  "steady_img_per_s": round(sum(parts[i].stop - parts[i].start for i in pending[1:]) / (last - first), 1)
-                 if len(pending) > 1 and last > first else None})
+                 if len(pending) > STEADY_MIN_SHARDS and last > first else None})
