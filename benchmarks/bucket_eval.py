@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from paper_tables import ddm  # noqa: E402 - the one CLI runner of the benchmark scripts
+
 RATIOS = "data.shapes_aspect_ratios=[0.5,1,2]"
-
-
-def ddm(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
-        raise SystemExit(f"ddm {' '.join(args)} failed: {last}")
-    return out.stdout
 
 
 def main(argv: list[str] | None = None) -> None:
