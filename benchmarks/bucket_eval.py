@@ -7,7 +7,7 @@ Then `ddm eval <bucketed> --compare square-only=<square>` samples both ensembles
 bucket shape and judges each sample with one shape-agnostic classifier trained on the bucketed run's
 training rows; the reference is that classifier on the real held-out rows of each shape.
 
-    python benchmarks/bucket_eval.py --out-dir /tmp/ddm-buckets --results benchmarks/results
+    python benchmarks/bucket_eval.py --out-dir /tmp/ddm-buckets --results benchmarks/results [--set model.patch_size=2]
 Writes <results>/bucket_eval.json (the whole `ddm eval --json` output plus the commands and wall times) and
 prints the table. A run that already finished is not retrained.
 """
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--total-nimg", type=int, default=256_000, help="training images over all experts, each run")
     parser.add_argument("--n", type=int, default=256, help="samples per shape, model and seed")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both runs (e.g. model.patch_size=2)")
     args = parser.parse_args(argv)
     out, results = Path(args.out_dir), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     commands, walls = {}, {}
     for name, extra in runs.items():
         cmd = ["run", "--preset", "shapes", "--run", str(out / name), "--quiet", "--set", RATIOS,
-               "--set", f"training.total_nimg={args.total_nimg}", *extra]
+               "--set", f"training.total_nimg={args.total_nimg}", *[a for kv in args.set for a in ("--set", kv)], *extra]
         commands[name] = "ddm " + " ".join(cmd)
         t0 = time.perf_counter()
         ddm(*cmd)
