@@ -182,9 +182,10 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
         return "<p>Not evaluated (run <code>ddm eval</code>).</p>"
     results = json.loads(store.read_bytes("eval/results.json"))
     if "shapes" in results:  # a bucketed run: class accuracy per bucket shape (worker/eval_buckets.py)
+        from worker.eval_buckets import accuracy_cell
+
         names = list(results["shapes"][0]["models"]) if results["shapes"] else []
-        cells = [[r["bucket"], r["heldout_rows"], r["real_heldout_acc"]]
-                 + [f"{m['class_acc']:.3f} ± {m['class_acc_ci95'] or 0:.3f}" for m in r["models"].values()]
+        cells = [[r["bucket"], r["heldout_rows"], r["real_heldout_acc"]] + [accuracy_cell(m) for m in r["models"].values()]
                  for r in results["shapes"]]
         return (_table(cells, ["shape (WxH px)", "held-out rows", "real held-out acc."] + [f"{n} class acc." for n in names])
                 + f"<p>{html.escape(results['reference'])}; chance {results['chance_class_acc']}</p>")

@@ -197,45 +197,46 @@ class PartitionStream:
     stats: dict[str, int] = field(default_factory=lambda: {"resident_rows": 0, "peak_resident_rows": 0,
                                                             "shards_read": 0})
 
+    def _header(self, ref: ShardRef) -> dict:
+        """A shard's safetensors header (names, dtypes, shapes); the payload is read and verified whole."""
+        raw = self.store.get_payload(ref)
+        return json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+
+    def bucket_grids(self) -> dict[tuple[int, int], tuple[int, int]] | None:
+        """Latent (height, width) of each bucket (width, height) the job's shards hold; None without buckets.
+        Bucket sides are multiples of the pixels per latent cell, which one shard's header gives."""
+        buckets = sorted({tuple(s.bucket) for s in self.shards if s.bucket is not None})
+        if not buckets:
+            return None
+        ref = next(s for s in self.shards if s.bucket is not None)
+        factor = ref.bucket[0] // self._header(ref)["latents"]["shape"][3]  # type: ignore[index]
+        return {(w, h): (h // factor, w // factor) for w, h in buckets}
+
     def largest_latent_shape(self) -> list[int]:
         """The latent shape with the most cells among the job's buckets (the auto micro-batch probes it);
-        latent_shape without buckets. Reads one shard of the largest bucket (its header gives the shape)."""
-        bucketed = [s for s in self.shards if s.bucket is not None]
-        if not bucketed:
+        latent_shape without buckets."""
+        grids = self.bucket_grids()
+        if grids is None:
             return list(self.latent_shape)
-        ref = max(bucketed, key=lambda s: (s.bucket[0] * s.bucket[1], s.bucket))  # type: ignore[index]
-        raw = self.store.get_payload(ref)
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-        return list(header["latents"]["shape"][1:])
-
-    def bucket_tokens(self, patch: int) -> dict[tuple[int, int], int] | None:
-        """Tokens of one image per bucket, (h / p) x (w / p) of its latent grid (one shard header per bucket);
-        None without buckets."""
-        out: dict[tuple[int, int], int] = {}
-        for ref in self.shards:
-            if ref.bucket is not None and tuple(ref.bucket) not in out:
-                raw = self.store.get_payload(ref)
-                h, w = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["latents"]["shape"][2:]
-                out[tuple(ref.bucket)] = (h // patch) * (w // patch)  # type: ignore[index]
-        return out or None
+        return [self.latent_shape[0], *grids[max(grids, key=lambda b: (b[0] * b[1], b))]]
 
     def token_counter(self, batch: int, seed: int, patch: int) -> tuple[Callable[[int], int], Callable[[int], int]]:
-        """(tokens seen at nimg, the nimg at which a token budget is reached) for this job's data order."""
-        per_bucket = self.bucket_tokens(patch)
-        if per_bucket is None:
+        """(tokens seen at nimg, the nimg at which a token budget is reached) for this job's data order; an
+        image's tokens are (h / p) x (w / p) of its bucket's latent grid."""
+        grids = self.bucket_grids()
+        if grids is None:
             per_image = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
             return (lambda nimg: nimg * per_image), (lambda tokens: -(-tokens // (batch * per_image)) * batch)
         from worker.bucket_data import BucketOrder
 
         order = BucketOrder([s.bucket for s in self.shards], [s.rows for s in self.shards], seed,  # type: ignore[misc]
                             self.window_rows, batch)
-        costs = [per_bucket[b] for b in order.buckets]
+        costs = [(grids[b][0] // patch) * (grids[b][1] // patch) for b in order.buckets]
         return (lambda nimg: order.tokens_before(nimg, costs)), (lambda tokens: order.nimg_for_tokens(tokens, costs))
 
     def text_length(self) -> int:
         """Tokens per caption (text_tokens [N, L, D]), from the first shard's header."""
-        raw = self.store.get_payload(self.shards[0])
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        header = self._header(self.shards[0])
         if "text_tokens" not in header:
             raise ManifestError(f"{self.shards[0].path}: text conditioning needs text_tokens, the shard has none")
         return int(header["text_tokens"]["shape"][1])

@@ -150,6 +150,12 @@ def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifes
                          "training rows of every bucket)", "shapes": rows}
 
 
+def accuracy_cell(model_row: dict[str, Any]) -> str:
+    """'mean ± half-width', or the mean alone when one seed gave no interval."""
+    iv = model_row["class_acc_ci95"]
+    return f"{model_row['class_acc']:.3f}" + ("" if iv is None else f" ± {iv:.3f}")
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     names = list(results["shapes"][0]["models"]) if results["shapes"] else []
     lines = [f"Class accuracy per bucket shape ({results['num_samples']} samples x {len(results['seeds'])} seeds, "
@@ -157,7 +163,6 @@ def to_markdown(results: dict[str, Any]) -> str:
              "| shape (WxH px) | held-out rows | real held-out | " + " | ".join(names) + " |",
              "|" + "---|" * (3 + len(names))]
     for r in results["shapes"]:
-        cells = [f"{m['class_acc']:.3f} ± {m['class_acc_ci95']:.3f}" if m["class_acc_ci95"] is not None
-                 else f"{m['class_acc']:.3f}" for m in r["models"].values()]
+        cells = [accuracy_cell(m) for m in r["models"].values()]
         lines.append(f"| {r['bucket']} | {r['heldout_rows']} | {r['real_heldout_acc']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

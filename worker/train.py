@@ -178,12 +178,14 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     tc = job.training
     end = tc.duration_nimg if tc.duration_nimg is not None else tc.total_nimg  # expert_job/router_job resolve it
     data = open_partition(store, job.manifest_key, job.kind, tc.data_window_rows)  # streamed, bounded memory
-    tokens_at, nimg_for_tokens = data.token_counter(job.batch, job.seed, job.model.patch_size)
+    counter = None  # built only when needed: with buckets it reads a shard header
     if job.duration_tokens is not None:  # budget_unit = tokens: equal FLOPs whatever the job's buckets
-        end = nimg_for_tokens(job.duration_tokens)
+        counter = data.token_counter(job.batch, job.seed, job.model.patch_size)
+        end = counter[1](job.duration_tokens)
     done = store.read_record(export_key(job.prefix), ExportRecord)
     if done is not None and done.nimg >= end:
         return done
+    tokens_at = (counter or data.token_counter(job.batch, job.seed, job.model.patch_size))[0]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world != job.num_workers:
         raise ValueError(f"job {job.name}: num_workers = {job.num_workers} but the process group has {world}")

@@ -341,6 +341,10 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
     assert "| shape (WxH px) | held-out rows | real held-out | this run |" in table and "| 20x12 |" in table
     page = _eval(RunStore(str(run)), _config(), run_eval=False, allow_external_models=False, device=torch.device("cpu"))
     assert "real held-out acc." in page and "20x12" in page
+    from worker.eval_buckets import accuracy_cell
+
+    assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": None}) == "0.500"  # one seed: no interval, not ± 0
+    assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": 0.0421}) == "0.500 ± 0.042"
     assert main(["eval", str(run), "--compare", "nameless"]) == 2
     assert "--compare 'nameless': expected NAME=RUN" in capsys.readouterr().err
 
