@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -54,8 +55,6 @@ def train_run(args: argparse.Namespace, K: int) -> tuple[str, float]:
     if args.ray:
         ddm("run", "--preset", "digits", "--run", run, "--quiet", *[a for s in sets(args, K) for a in ("--set", s)])
     elif not (Path(run) / "ensemble.json").exists():
-        import os
-
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # two runs share the machine (the pool below)
