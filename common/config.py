@@ -312,6 +312,17 @@ class EvalConfig(Strict):
         return value
 
 
+class HiresConfig(Strict):
+    """`hires`: a high-resolution continuation after the base stage (the paper's text-to-image recipe: a base
+    resolution, then a larger one). Every expert and the router continue from their base exports on the same
+    partitions, prepared again at `image_size` (off by default: `hires: null`)."""
+    image_size: int = Field(..., ge=1, le=ModelLimits.input_side, description=(
+        "The continuation's data.image_size (larger than the base's); with data.buckets its target area is image_size^2."))
+    total_nimg: int = Field(96_000, ge=1, description="Images the experts see together at this stage, split over K like training.total_nimg.")
+    router_nimg: int = Field(32_000, ge=1, description="Images the router sees at this stage.")
+    lr: float | None = Field(None, gt=0, description="Learning rate at this stage; None = training.lr (router: router.training.lr).")
+
+
 class RunConfig(Strict):
     name: str = Field("digits", description="Run name: letters, digits, '.', '_', '-' (it names folders and keys).")
     run_uri: str = Field("runs/digits", description="Run store root: local path, file://, memory:// or s3:// URL.")
@@ -329,6 +340,7 @@ class RunConfig(Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    hires: HiresConfig | None = Field(None, description="High-resolution continuation stage; None = none.")
 
     @field_validator("name")
     @classmethod
@@ -357,6 +369,8 @@ class RunConfig(Strict):
                 raise ValueError(f"{where}.patch_size = {model.patch_size} does not divide the latent size "
                                  f"{side}x{side} (data.image_size with latents.encoder = identity)")
         self._check_buckets()
+        if self.hires is not None:
+            self.hires_run_config()  # its own checks (patch size, buckets), named as hires errors
         if self.training.duration_nimg is None and self.training.total_nimg < k:
             raise ValueError(f"training.total_nimg = {self.training.total_nimg} leaves no images per expert at K = {k}")
         if self.training.global_batch % k:
@@ -411,6 +425,32 @@ class RunConfig(Strict):
             return self.data.buckets.bucket_sizes(vae_factor * patch, self.data.image_size**2)
         except ValueError as exc:
             raise ValueError(f"data.buckets.{exc}") from None
+
+    def hires_run_config(self) -> RunConfig:
+        """The config the hires stage prepares and trains with: this one at hires.image_size (buckets at its
+        area), with the stage's budgets and learning rate. Raises ValueError naming `hires` when invalid."""
+        h = self.hires
+        if h is None:
+            raise ValueError("hires: not configured (set hires.image_size)")
+        if h.image_size <= self.data.image_size:
+            raise ValueError(f"hires.image_size = {h.image_size} must exceed data.image_size = {self.data.image_size}")
+        if self.data.buckets.enabled and self.data.buckets.sizes is not None:
+            raise ValueError("hires with explicit data.buckets.sizes: the continuation's buckets are generated at "
+                             "hires.image_size^2; leave data.buckets.sizes unset")
+        tree = self.model_dump(mode="json")
+        tree["hires"] = None
+        tree["data"]["image_size"] = h.image_size
+        if tree["data"]["buckets"]["target_area"] is not None:
+            tree["data"]["buckets"]["target_area"] = h.image_size**2
+        for section, nimg in ((tree["training"], h.total_nimg), (tree["router"]["training"], h.router_nimg)):
+            section.update(total_nimg=nimg, duration_nimg=None, lr=h.lr or section["lr"])
+        try:
+            return RunConfig.model_validate(tree)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            why = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"hires.image_size = {h.image_size}: {where + ' ' if where else ''}{why}") from None
 
     def known_dataset_size(self) -> int | None:
         """Rows the run will have, where known before any data is read (built-in sources, max_items)."""

@@ -44,3 +44,9 @@ def export_key(prefix: str) -> str:
 
 def status_key(prefix: str) -> str:
     return f"{prefix}/status.json"
+
+
+def job_label(name: str, stage: str = "train") -> str:
+    """How a job is named where stages meet (Ray dashboard actors, metrics tags, the progress view): the
+    base stage's jobs by name, a later stage's with its stage: "expert-03", "hires/expert-03"."""
+    return name if stage == "train" else f"{stage}/{name}"

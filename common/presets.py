@@ -9,6 +9,7 @@ from common.config import (
     ClusteringConfig,
     DataConfig,
     FeaturesConfig,
+    HiresConfig,
     IslandConfig,
     IslandsConfig,
     LatentsConfig,
@@ -139,6 +140,8 @@ def laion_xl2() -> RunConfig:
     config.data.buckets = BucketConfig(enabled=True, max_aspect=2.0)
     config.training.budget_unit = "tokens"
     config.router.training.budget_unit = "tokens"
+    # Then a continuation at about 512^2 pixels (the buckets regenerated at that area), from the base exports.
+    config.hires = HiresConfig(image_size=512, total_nimg=1024 * 100_000, router_nimg=256 * 20_000)
     return config
 
 

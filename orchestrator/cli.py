@@ -30,6 +30,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from worker.budget import format_budget, training_budget  # after validation: a bad config fails fast
 
     sys.stdout.write(to_yaml(config) + format_budget(training_budget(config)))
+    if config.hires is not None:  # the continuation's own budget, at its size
+        sys.stdout.write(format_budget(training_budget(config.hires_run_config())).replace(
+            "# budget (", "# hires budget (", 1).replace("training.total_nimg split", "hires.total_nimg split", 1))
     return 0
 
 

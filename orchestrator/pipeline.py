@@ -31,7 +31,8 @@ from orchestrator.islands import local_node_resources
 from orchestrator.lease import LEASE_KEY, RunLease
 from orchestrator.progress import ProgressView
 from orchestrator.ray_group import RayWorkerGroup
-from orchestrator.stages import STAGES, StageDamaged, StageRunner, code_version, now_iso
+from orchestrator.hires_stage import hires_store, run_hires_stage
+from orchestrator.stages import StageDamaged, StageRunner, active_stages, code_version, now_iso
 from orchestrator.train_stage import job_scope, run_train_stage
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,12 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunSummary:
     """Run the stages up to `until` under the run store's lease; `redo` names the one stage whose
     committed outputs (and later stages') may be removed and rebuilt."""
-    if until not in STAGES:
-        raise UsageError(f"until = {until!r}: expected one of {', '.join(STAGES)}")
-    if redo is not None and (redo not in STAGES or STAGES.index(redo) > STAGES.index(until)):
-        raise UsageError(f"--redo {redo}: expected one of {', '.join(STAGES[:STAGES.index(until) + 1])} "
+    stages = active_stages(config)
+    if until not in stages:
+        unset = " (hires is not configured: set hires.image_size)" if until == "hires" else ""
+        raise UsageError(f"until = {until!r}: expected one of {', '.join(stages)}{unset}")
+    if redo is not None and (redo not in stages or stages.index(redo) > stages.index(until)):
+        raise UsageError(f"--redo {redo}: expected one of {', '.join(stages[:stages.index(until) + 1])} "
                          f"(a stage this run reaches)")
     check_durable_store(config.run_uri, in_cluster_mode(address), allow_local_store)
     t0 = time.perf_counter()
@@ -249,10 +252,11 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
 
     from worker.partition import cluster_data
 
+    reached = runner.stages[:runner.stages.index(until) + 1]
     stage("prepare", lambda: prepare_and_list(config, store, listing), uses_ray=True)  # parallel encoding
-    if until != "prepare":
+    if "cluster" in reached:
         stage("cluster", lambda: cluster_data(config, store), uses_ray=False)
-    if until in ("train", "gather"):
+    if "train" in reached:
         islands = {i.name: i for i in config.islands.pool}
 
         def make_group(jobs: dict) -> RayWorkerGroup:
@@ -274,6 +278,17 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
         stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
                                                listener=view.job_changed, on_tick=tick,
                                                inputs=runner.inputs["train"]), uses_ray=True)
+    if "hires" in reached:
+        sub = hires_store(store)
+
+        def make_hires_group(jobs: dict) -> RayWorkerGroup:
+            return RayWorkerGroup(sub, jobs, {name: job_scope(name) for name in jobs}, islands,
+                                  use_labels=not ray_mode["local"])
+
+        stage("hires", lambda: run_hires_stage(config, store, runner.fingerprints["hires"], make_hires_group,
+                                               None if is_builtin(config.data) else listing.fingerprint(),
+                                               listener=view.job_changed, on_tick=tick,
+                                               inputs=runner.inputs["hires"]), uses_ray=True)
     if until == "gather":
         if runner.committed("gather") is not None and not runner.redoes("gather") and not gather_intact(store, config):
             log.warning("ensemble.json or its preview is missing or damaged; gathering again")
@@ -364,9 +379,10 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
     from worker.gather import gather
     from worker.grid import make_grid
 
-    train = runner.committed("train")
-    missing = list(train.details.get("missing", [])) if train else []
-    result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing)
+    last = runner.committed("hires" if config.hires is not None else "train")  # the stage whose exports gather uses
+    missing = list(last.details.get("missing", [])) if last else []
+    result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing,
+                    root="hires/" if config.hires is not None else "")
     # The VAE that decodes the preview is the one this driver's own config named (latents.model), not one
     # read from an untrusted store, so it may live outside the run.
     ensemble = Ensemble.load(store, allow_external_models=True)

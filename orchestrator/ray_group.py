@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from common.config import IslandConfig, StorageConfig
+from common.keys import job_label
 from common.storage import RunStore
 from orchestrator.controller import Crashed, Event, Finished, Progress
 from orchestrator.islands import actor_options, worker_resources
@@ -54,7 +55,7 @@ class IslandSlot:
         from worker.train import TrainJob, job_store
 
         job = TrainJob.model_validate_json(job_json)
-        self.job_name, self.worker_nodes = job.name, {}
+        self.job_name, self.worker_nodes = job_label(job.name, job.stage), {}
         self.latest = {"job": job.name, "node": self.node, "pid": os.getpid()}
         # Prefix-level view first, then narrowed to the exact files the job's manifest lists.
         view = RunStore(store_url, StorageConfig.model_validate(storage)).scoped(read_write, read_only)
@@ -66,7 +67,7 @@ class IslandSlot:
                                        scaling_resources=worker_resources(self.island),
                                        label_selector=dict(self.island.label_selector) or None,
                                        accelerator_type=self.island.accelerator_type if job.use_gpu else None,
-                                       run_name=f"{job.name}@{self.island.name}")
+                                       run_name=f"{job_label(job.name, job.stage)}@{self.island.name}".replace("/", "-"))
             nodes = sorted(set(self.worker_nodes.values()))
         else:
             from worker.train import train

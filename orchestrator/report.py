@@ -31,7 +31,7 @@ from common.storage import RunStore  # noqa: E402
 
 GRID_N = 32
 QUICK_SAMPLES = 128  # per strategy in the report's own evaluation; `ddm eval` / --full use eval.num_samples
-STAGES = ("prepare", "cluster", "train", "gather")
+from orchestrator.stages import STAGES
 # Evaluation columns: what each number is, its unit, and which way is better.
 METRICS = {
     "fd": "FD, Fréchet distance of classifier features (lower is better)",

@@ -26,7 +26,7 @@ from common.storage import RunStore
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "cluster", "train", "gather")
+STAGES = ("prepare", "cluster", "train", "hires", "gather")  # hires only when configured (active_stages)
 # What each stage writes. A stage function clears its own outputs before writing (so it can be rerun
 # on its own); the runner clears the outputs of the stages after it, which its rerun makes stale, and
 # only when no later stage is committed or the user asked for exactly that (`ddm run --redo STAGE`).
@@ -35,6 +35,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "cluster": ("clusters/",),  # + each expert's partition, which cluster_data clears with its manifests
     # The job folders (checkpoints, exports). Never cleared when train itself reruns: it resumes.
     "train": ("experts/", "router/"),
+    "hires": ("hires/",),  # a run store of the base layout (orchestrator/hires_stage.py); its jobs resume
     "gather": ("ensemble.json",),
 }
 # What a training job writes under its prefix (experts/<k>, router); `--redo train` removes these.
@@ -48,6 +49,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "data", "features", "latents", "text"),
     "cluster": ("seed", "clustering"),
     "train": ("seed", "model", "training", "router"),
+    "hires": ("hires",),
     "gather": ("seed", "sampling"),
 }
 _RUN_ONLY = ("compile", "keep_checkpoints", "log_every_nimg", "checkpoint_every_nimg", "sample_every_nimg",
@@ -100,6 +102,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def active_stages(config: RunConfig) -> tuple[str, ...]:
+    """The stages this run has: every stage, less hires when it is not configured (so a run without it
+    fingerprints and resumes exactly as before the stage existed)."""
+    return tuple(s for s in STAGES if s != "hires" or config.hires is not None)
+
+
 def stage_inputs(config: RunConfig, source_fingerprint: str | None = None) -> dict[str, dict]:
     """Per stage, the flat {config path: value} that changes its output (see STAGE_INPUTS).
 
@@ -108,7 +116,8 @@ def stage_inputs(config: RunConfig, source_fingerprint: str | None = None) -> di
     """
     data = config.model_dump(mode="json")
     out = {}
-    for stage, sections in STAGE_INPUTS.items():
+    for stage in active_stages(config):
+        sections = STAGE_INPUTS[stage]
         flat = _flatten({s: data[s] for s in sections})
         flat = {k: v for k, v in flat.items() if k not in NOT_INPUTS}
         if stage == "prepare" and source_fingerprint is not None:
@@ -123,9 +132,10 @@ def _chained(upstream: str, inputs: dict) -> str:
 
 
 def stage_fingerprints(inputs: dict[str, dict]) -> dict[str, str]:
-    """Each stage's fingerprint: its inputs plus its upstream stage's fingerprint (a chain)."""
+    """Each stage's fingerprint: its inputs plus its upstream stage's fingerprint (a chain), over the
+    stages `inputs` names (in pipeline order)."""
     out, upstream = {}, ""
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in inputs]:
         upstream = out[stage] = _chained(upstream, inputs[stage])
     return out
 
@@ -189,8 +199,9 @@ class StageRunner:
 
     def __init__(self, store: RunStore, config: RunConfig, source_fingerprint: str | None = None,
                  redo: str | None = None, source_changes: str = "") -> None:
-        if redo is not None and redo not in STAGES:
-            raise UsageError(f"--redo {redo}: expected one of {', '.join(STAGES)}")
+        self.stages = active_stages(config)
+        if redo is not None and redo not in self.stages:
+            raise UsageError(f"--redo {redo}: expected one of {', '.join(self.stages)}")
         self.store = store
         self.config = config
         self.redo = redo
@@ -207,7 +218,7 @@ class StageRunner:
         this run adopts the recorded inputs and fingerprint for that stage: upgrading the code never
         stops or redoes committed work."""
         upstream = ""
-        for stage in STAGES:
+        for stage in self.stages:
             ours = _chained(upstream, self.inputs[stage])
             record = self.store.read_record(f"stages/{stage}.json", StageRecord)
             found = [(record.fingerprint, record.details.get("inputs"))] if record is not None else []
@@ -230,7 +241,7 @@ class StageRunner:
 
     def redoes(self, stage: str) -> bool:
         """Whether `--redo` covers `stage` (the named stage and every stage after it)."""
-        return self.redo is not None and STAGES.index(stage) >= STAGES.index(self.redo)
+        return self.redo is not None and self.stages.index(stage) >= self.stages.index(self.redo)
 
     def check(self, until: str = STAGES[-1]) -> None:
         """Stop (StageChanged, one line) at the first committed stage whose inputs changed, unless redone.
@@ -238,17 +249,23 @@ class StageRunner:
         Training jobs that checkpointed before the train stage committed are checked too (their job.json
         stamps): a killed run whose training config then changed must not lose its checkpoints.
         """
-        for stage in STAGES[:STAGES.index(until) + 1]:  # stages this run does not reach are not touched
+        for stage in self.stages[:self.stages.index(until) + 1]:  # stages this run does not reach are not touched
             if self.redoes(stage):
                 return
             record = self.store.read_record(f"stages/{stage}.json", StageRecord)
             if record is not None and record.fingerprint != self.fingerprints[stage]:
                 raise self.changed(stage, describe_change(record.details.get("inputs"), self.inputs[stage]))
-            if stage == "train" and record is None:
-                for prefix, stamp in job_stamps(self.store).items():
-                    if stamp.get("fingerprint") != self.fingerprints["train"]:
-                        what = describe_change(stamp.get("inputs"), self.inputs["train"])
-                        raise self.changed("train", f"{what}; {prefix} holds checkpoints made with the old inputs")
+            if stage in ("train", "hires") and record is None:
+                for prefix, stamp in self.stamps(stage).items():
+                    if stamp.get("fingerprint") != self.fingerprints[stage]:
+                        what = describe_change(stamp.get("inputs"), self.inputs[stage])
+                        raise self.changed(stage, f"{what}; {prefix} holds checkpoints made with the old inputs")
+
+    def stamps(self, stage: str) -> dict[str, dict]:
+        """The job stamps of a training stage (train: the run's jobs; hires: those under hires/)."""
+        if stage == "hires":
+            return {f"hires/{p}": stamp for p, stamp in job_stamps(self.store.child("hires")).items()}
+        return job_stamps(self.store)
 
     def changed(self, stage: str, what: str) -> StageChanged:
         if stage == "prepare" and self.source_changes:
@@ -301,17 +318,16 @@ class StageRunner:
         ask to redo: an uncommitted stage upstream of committed ones is a damaged store, not a rerun.
         `force` is for the pipeline's own repairs (a partial or damaged train stage regathers).
         """
-        first = STAGES.index(stage)
-        later = STAGES[first + 1:]
+        first = self.stages.index(stage)
+        later = self.stages[first + 1:]
         kept = [s for s in later if self.store.exists(f"stages/{s}.json")]
-        if "train" in later and any(job_stamps(self.store)):
-            kept.append("train (checkpoints)")
+        kept += [f"{s} (checkpoints)" for s in ("train", "hires") if s in later and any(self.stamps(s))]
         if kept and not force and not self.redoes(stage):
             raise StageChanged(
                 f"stage {stage} has no committed record but later stages hold committed work "
                 f"({', '.join(dict.fromkeys(kept))}). Nothing was deleted. Redo it with "
                 f"`ddm run --redo {stage}` (removes the later stages' outputs), or start a new run")
-        for i, name in enumerate(STAGES[first:], start=first):
+        for i, name in enumerate(self.stages[first:], start=first):
             self.store.delete(f"stages/{name}.json")
             for prefix in STAGE_OUTPUTS[name] if i > first else ():
                 self.store.delete(prefix.rstrip("/"))

@@ -24,10 +24,11 @@ from orchestrator.stages import STAGES, stage_summary
 STALE_AFTER_S = 120.0  # the controller writes each running job's status at least every ~5 s
 
 
-def _jobs(store: RunStore) -> list[str]:
-    prefixes = sorted({key.split("/")[0] + "/" + key.split("/")[1] for key in store.list("experts/")
-                       if key.count("/") >= 2})
-    return prefixes + (["router"] if store.exists("router/manifest.json") else [])
+def _jobs(store: RunStore, root: str = "") -> list[str]:
+    """Training-job prefixes under `root` ("" for the base stage, "hires/" for the continuation)."""
+    prefixes = sorted({"/".join(key.split("/")[:root.count("/") + 2]) for key in store.list(f"{root}experts/")
+                       if key.count("/") >= root.count("/") + 2})
+    return prefixes + ([f"{root}router"] if store.exists(f"{root}router/manifest.json") else [])
 
 
 def last_checkpoint(store: RunStore, prefix: str) -> CheckpointRecord | None:
@@ -46,11 +47,13 @@ def collect_status(store: RunStore) -> dict:
     stages = stage_summary(store)
     sizes = store.sizes()  # one listing: what is reported as done must exist, with its recorded sizes
     jobs = []
-    for prefix in _jobs(store):
+    for root, prefix in [("", p) for p in _jobs(store)] + [("hires/", p) for p in _jobs(store, "hires/")]:
         status = store.read_record(status_key(prefix), JobStatusRecord)
         try:
             export = store.read_record(export_key(prefix), ExportRecord)
-            export_problem = _size_problems(sizes, [export.weights, export.model_config_file]) if export else []
+            refs = [r.model_copy(update={"path": root + r.path}) for r in (export.weights, export.model_config_file)] \
+                if export else []  # a stage's records name paths from its own root
+            export_problem = _size_problems(sizes, refs)
         except ManifestError as exc:
             export, export_problem = None, [str(exc)]
         ckpt = last_checkpoint(store, prefix)
@@ -85,6 +88,8 @@ def collect_status(store: RunStore) -> dict:
 
     stage_view = {}
     for name in STAGES:
+        if name == "hires" and name not in stages and not run.config.get("hires"):
+            continue  # a run without the continuation stage
         if name not in stages:
             stage_view[name] = {"done": False}
             continue
@@ -130,7 +135,8 @@ def format_status(status: dict) -> str:
     if status["jobs"]:
         lines.append("jobs:")
         bucketed = bool(status.get("buckets"))  # images differ in tokens: show both (training.budget_unit)
-        lines.append(f"  {'job':<11} {'island':<10} {'state':<11} {'images seen':>21} "
+        width = max(11, *(len(job["prefix"]) for job in status["jobs"]))
+        lines.append(f"  {'job':<{width}} {'island':<10} {'state':<11} {'images seen':>21} "
                      + (f"{'tokens seen':>13} " if bucketed else "") + f"{'loss':>8} {'ckpt':>9} {'retries':>7} {'eta':>7}")
         for job in status["jobs"]:
             total = job["duration_nimg"]
@@ -139,7 +145,7 @@ def format_status(status: dict) -> str:
             ckpt = f"{job['last_checkpoint_nimg']:,}" if job["last_checkpoint_nimg"] is not None else "-"
             eta = f"{job['eta_s']:.0f}s" if job["eta_s"] is not None else "-"
             tokens = f"{job['tokens']:,}" if job["tokens"] is not None else "-"
-            lines.append(f"  {job['prefix']:<11} {job['island'] or '-':<10} {job['state']:<11} {seen:>21} "
+            lines.append(f"  {job['prefix']:<{width}} {job['island'] or '-':<10} {job['state']:<11} {seen:>21} "
                          + (f"{tokens:>13} " if bucketed else "") + f"{loss:>8} {ckpt:>9} {job['retries']:>7} {eta:>7}")
             if job["last_error"] and job["state"] != "succeeded":
                 lines.append(f"      last error: {job['last_error']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -9,7 +10,7 @@ from collections.abc import Callable
 
 from common.config import RunConfig
 from common.errors import DDMError
-from common.keys import ROUTER, expert_index, export_key, job_name, job_prefix, status_key
+from common.keys import ROUTER, expert_index, export_key, job_label, job_name, job_prefix, status_key
 from common.manifests import ExportRecord, JobStatusRecord, StageResult
 from common.storage import RunStore
 from orchestrator.controller import ControllerResult, JobState, TrainController, WorkerGroup
@@ -34,11 +35,12 @@ def job_scope(name: str) -> tuple[list[str], list[str]]:
     return [job_prefix(name) + "/", tensorboard_prefix(name) + "/"], []
 
 
-def build_jobs(config: RunConfig) -> dict[str, dict]:
+def build_jobs(config: RunConfig, stage: str = "train") -> dict[str, dict]:
     """Every job's spec on every island that can run it: {job: {island: TrainJob}}.
 
     An island can run a job when its workers split the job's effective batch (TrainJob checks it);
     the spec differs per island only in how (micro-batch, workers, device), never in what is trained.
+    A continuation stage's jobs (`stage` = hires) start from the export committed at `<prefix>/init.json`.
     """
     from pydantic import ValidationError
 
@@ -49,11 +51,17 @@ def build_jobs(config: RunConfig) -> dict[str, dict]:
     for island in config.islands.pool:
         for name in names:
             try:
-                jobs[name][island.name] = (router_job(config, island) if name == ROUTER
-                                           else expert_job(config, expert_index(name), island))
+                job = router_job(config, island) if name == ROUTER else expert_job(config, expert_index(name), island)
+                jobs[name][island.name] = job if stage == "train" else job.model_copy(
+                    update={"stage": stage, "init_key": init_key(job.prefix)})
             except ValidationError as exc:
                 log.info("%s cannot run on island %s: %s", name, island.name, exc.errors()[0]["msg"])
     return jobs
+
+
+def init_key(prefix: str) -> str:
+    """A continuation job's starting weights: a copy of the previous stage's export, committed in its prefix."""
+    return f"{prefix}/init.json"
 
 
 def plan(config: RunConfig, jobs: dict[str, dict]) -> list:
@@ -86,8 +94,8 @@ class StatusWriter:
     """Writes each job's `status.json` on state changes, and on progress at most every `every_s`."""
 
     def __init__(self, store: RunStore, jobs: dict, fingerprint: str, every_s: float = 5.0,
-                 listener: Callable[[JobState], None] | None = None) -> None:
-        self.store, self.jobs, self.fingerprint, self.every_s = store, jobs, fingerprint, every_s
+                 listener: Callable[[JobState], None] | None = None, stage: str = "train") -> None:
+        self.store, self.jobs, self.fingerprint, self.every_s, self.stage = store, jobs, fingerprint, every_s, stage
         self.listener = listener
         self.last: dict[str, tuple[str, float]] = {}
         self.retries: dict[str, int] = {}
@@ -96,13 +104,14 @@ class StatusWriter:
     def __call__(self, state: JobState) -> None:
         from worker.metrics import count_retry, report_job_images
 
+        label = job_label(state.name, self.stage)  # a later stage's jobs are told apart in views and metrics
         if self.listener is not None:
-            self.listener(state)
+            self.listener(state if label == state.name else dataclasses.replace(state, name=label))
         if state.retries > self.retries.get(state.name, 0):
-            count_retry(state.name, state.island)
+            count_retry(label, state.island)
             self.retries[state.name] = state.retries
         if "nimg" in state.progress:
-            report_job_images(state.name, state.island, int(state.progress["nimg"]), self.islands.get(state.name))
+            report_job_images(label, state.island, int(state.progress["nimg"]), self.islands.get(state.name))
             self.islands[state.name] = state.island
         # Write at once when the state or the node changes, else at most every `every_s`.
         key = f"{state.status.value}|{state.progress.get('node')}"
@@ -123,15 +132,17 @@ class StatusWriter:
 def run_train_stage(config: RunConfig, store: RunStore, fingerprint: str,
                     make_group: Callable[[dict], WorkerGroup],
                     listener: Callable[[JobState], None] | None = None,
-                    on_tick: Callable[[], None] | None = None, inputs: dict | None = None) -> StageResult:
-    jobs = build_jobs(config)
+                    on_tick: Callable[[], None] | None = None, inputs: dict | None = None,
+                    stage: str = "train") -> StageResult:
+    """Train every job of `stage` to its export, against `store` (the run, or a later stage's own root)."""
+    jobs = build_jobs(config, stage)
     placements = plan(config, jobs)
     done = reconcile_outputs(store, list(jobs), fingerprint, inputs)
     capacity = {i.name: i.concurrency for i in config.islands.pool}
-    status = StatusWriter(store, jobs, fingerprint, listener=listener)
+    status = StatusWriter(store, jobs, fingerprint, listener=listener, stage=stage)
     from worker.metrics import init_retries
 
-    init_retries({p.job: p.island for p in placements})
+    init_retries({job_label(p.job, stage): p.island for p in placements})
     group = make_group(jobs)
     controller = TrainController(placements, capacity, group, config.islands.max_retries,
                                  done=done, on_change=status)

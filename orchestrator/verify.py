@@ -27,6 +27,7 @@ from common.manifests import (
 from common.storage import IntegrityError, RunStore, sha256_bytes
 from orchestrator.stages import STAGES, job_prefixes
 
+HIRES_ROOT = "hires/"
 _CHECKPOINT = re.compile(r"^(.+)/checkpoints/\d{12}\.json$")
 
 
@@ -42,17 +43,18 @@ class Finding:
         return not self.problem
 
 
-def listed_payloads(store: RunStore) -> dict[str, tuple[str, FileRef]]:
+def listed_payloads(store: RunStore, root: str = "") -> dict[str, tuple[str, FileRef]]:
     """Every payload any committed record lists: key -> (record key, FileRef). Unreadable records are
-    reported as payload-less findings by `verify` (their key maps to a sentinel)."""
+    reported as payload-less findings by `verify` (their key maps to a sentinel). `hires/` keeps the run
+    layout with paths from its own root: its records are read there and their keys given from the run's."""
     out: dict[str, tuple[str, FileRef]] = {}
 
     def add(owner: str, refs) -> None:
         for ref in refs:
             if ref is not None:
-                out.setdefault(ref.path, (owner, ref))
+                out.setdefault(root + ref.path, (root + owner, ref.model_copy(update={"path": root + ref.path})))
 
-    for stage in STAGES:
+    for stage in STAGES if not root else ():
         record = _read(store, f"stages/{stage}.json", StageRecord)
         if record:
             add(f"stages/{stage}.json", record.outputs)
@@ -68,11 +70,13 @@ def listed_payloads(store: RunStore) -> dict[str, tuple[str, FileRef]]:
         if manifest:
             add(f"{prefix}/manifest.json", [*manifest.shards, *getattr(manifest, "assignments", [])])
     for key in store.list(""):
+        if not root and key.startswith(HIRES_ROOT):
+            continue  # read below, from its own root
         if _CHECKPOINT.match(key):
             record = _read(store, key, CheckpointRecord)
             if record:
                 add(key, record.files)
-        elif key.endswith("/export.json"):
+        elif key.endswith(("/export.json", "/init.json")):
             record = _read(store, key, ExportRecord)
             if record:
                 add(key, [record.weights, record.model_config_file])
@@ -80,6 +84,8 @@ def listed_payloads(store: RunStore) -> dict[str, tuple[str, FileRef]]:
     if ens:
         members = [*ens.experts, *([ens.router] if ens.router else [])]
         add("ensemble.json", [ref for m in members for ref in (m.weights, m.model_config_file)] + [ens.centroids])
+    if not root and store.list(HIRES_ROOT):
+        out.update(listed_payloads(store.child(HIRES_ROOT), HIRES_ROOT))
     return out
 
 
@@ -104,11 +110,12 @@ def unreadable_records(store: RunStore) -> list[Finding]:
 
 
 def _record_class(key: str):
+    key = key.removeprefix(HIRES_ROOT)  # the continuation's records have the run's shapes
     if key.startswith("stages/") and key.endswith(".json"):
         return StageRecord
     if _CHECKPOINT.match(key):
         return CheckpointRecord
-    if key.endswith("/export.json"):
+    if key.endswith(("/export.json", "/init.json")):
         return ExportRecord
     return {"data/dataset.json": DatasetManifest, "clusters/clusters.json": ClusterManifest,
             "ensemble.json": EnsembleManifest, "router/manifest.json": RouterManifest}.get(

@@ -203,6 +203,18 @@ def model_from_refs(store: RunStore, kind: str, weights: FileRef, config: FileRe
         return cls.from_pretrained(tmp, low_cpu_mem_usage=False).eval()
 
 
+def start_from_export(store: RunStore, key: str, model: nn.Module, ema: nn.Module) -> ExportRecord:
+    """Load the committed export at `key` into `model` and `ema` (a continuation stage's start). The
+    weights fit any token grid: positions are computed per grid, never stored (worker/models/dit.py)."""
+    record = store.read_record(key, ExportRecord)
+    if record is None:
+        raise FileNotFoundError(f"{key}: no committed export to continue from")
+    state = st_load(store.get_payload(record.weights))
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
+    return record
+
+
 def load_export(store: RunStore, prefix: str) -> tuple[nn.Module, ExportRecord]:
     record = store.read_record(export_key(prefix), ExportRecord)
     if record is None:

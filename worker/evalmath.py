@@ -173,6 +173,8 @@ class DigitClassifier(torch.nn.Module):
         self.head = torch.nn.Linear(features, 10)
 
     def features(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != (8, 8):  # the digits are 8x8 scans: a larger run is judged area-averaged back
+            x = torch.nn.functional.adaptive_avg_pool2d(x.float(), 8)
         return self.body(x.float().clamp(-1, 1))
 
     def forward(self, x: Tensor) -> Tensor:

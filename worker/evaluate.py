@@ -329,9 +329,10 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
     `compare` = {name: run store} adds other runs sampled at its shapes and judged by the same classifier."""
     inception = fid_weights(inception)
     config = config or run_config(store)
-    dataset = store.read_record("data/dataset.json", DatasetManifest)
+    data = store.child("hires") if config.hires is not None else store  # the data the ensemble's exports last trained on
+    dataset = data.read_record("data/dataset.json", DatasetManifest)
     if dataset is None:
-        raise EvalError(f"{store.url}/data/dataset.json: not committed")
+        raise EvalError(f"{data.url}/data/dataset.json: not committed")
     ensemble = Ensemble.load(store, device=device, allow_external_models=allow_external_models)
     n = num_samples or config.eval.num_samples
     seed_list = list(range(seed, seed + (seeds or config.eval.seeds)))
@@ -340,7 +341,7 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
 
         others = {name: Ensemble.load(other, device=device, allow_external_models=allow_external_models)
                   for name, other in (compare or {}).items()}
-        results = eval_buckets.evaluate_buckets(store, config, dataset, ensemble, n, seed_list, others, log)
+        results = eval_buckets.evaluate_buckets(data, config, dataset, ensemble, n, seed_list, others, log)
         store.write_bytes("eval/results.json", json.dumps(results, indent=2).encode())
         store.write_bytes("eval/results.md", eval_buckets.to_markdown(results).encode())
         return results
@@ -355,9 +356,9 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
                                "sampling": config.sampling.model_dump(mode="json"), "rows": [], "notes": []}
     judge: Callable | None = None
     if dataset.source == "builtin:digits":
-        judge = DigitsJudge(store, dataset, ensemble.decode, n, seed)
+        judge = DigitsJudge(data, dataset, ensemble.decode, n, seed)
     elif dataset.source == "builtin:gmm":
-        judge = GMMJudge(store, dataset, seed, n)
+        judge = GMMJudge(data, dataset, seed, n)
         log("gmm: router posterior and velocity errors over t")
         results["gmm_fields"] = judge.field_errors(ensemble, config.eval.t_grid, seed)
     elif inception is not None:
@@ -367,17 +368,17 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
             model = load_fid_inception(inception)
         except ValueError as exc:
             raise EvalError(str(exc)) from None
-        judge = FIDJudge(model, store, dataset, ensemble.decode, n)
+        judge = FIDJudge(model, data, dataset, ensemble.decode, n)
     else:
         results["notes"].append(f"FID skipped: no Inception-v3 weights given (inception argument or {INCEPTION_ENV}; "
                                 f"a state dict, never downloaded)")
     if judge is not None:
         results["reference"] = judge.reference
         results["notes"] += judge.notes
-    target = heldout_split(store, dataset)
+    target = heldout_split(data, dataset)
     if target is not None:
         log("router: accuracy and calibration per t-bucket on held-out rows")
-        results["router"] = router_calibration(store, ensemble, target, seed)
+        results["router"] = router_calibration(data, ensemble, target, seed)
 
     models: list[tuple[str, Ensemble, str]] = [(s, ensemble, s) for s in strategies]
     from worker.distill import load_student  # the dense student (paper §3.6) sits beside the ensemble

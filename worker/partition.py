@@ -260,6 +260,19 @@ METHODS: dict[str, Callable[[RunConfig, RunStore, DatasetManifest, int], MethodP
     "random": random_plan, "kmeans2": kmeans2_plan}
 
 
+def commit_partitions(store: RunStore, ds: DatasetManifest, sizes: list[int], class_counts: list[dict[int, int]],
+                      expert_refs: list[list[ShardRef]], router_refs: list[list[ShardRef]]) -> None:
+    """Commit every expert's manifest and the router's, after all the shards they list are written."""
+    k = len(sizes)
+    for e in range(k):
+        store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
+            expert=e, num_experts=k, rows=sizes[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
+            text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
+    store.commit(manifest_key(ROUTER), RouterManifest(
+        num_experts=k, rows=sum(sizes), latent_shape=ds.latent_shape, num_classes=ds.num_classes, text_dim=ds.text_dim,
+        shards=[r for refs in expert_refs for r in refs], assignments=[r for refs in router_refs for r in refs]))
+
+
 def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     """Cluster the prepared dataset into K partitions and write every expert's data and manifest."""
     cc, k = config.clustering, config.clustering.num_experts
@@ -321,13 +334,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         method=cc.method, metric=cc.metric, num_experts=k, num_fine=len(found["fine"]), sizes=size_list,
         centroids=centroids, assignments=assignment_refs, report=report_ref, images=images))
 
-    for e in range(k):
-        store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
-            expert=e, num_experts=k, rows=size_list[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
-            text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
-    store.commit("router/manifest.json", RouterManifest(
-        num_experts=k, rows=n, latent_shape=ds.latent_shape, num_classes=ds.num_classes, text_dim=ds.text_dim,
-        shards=[r for refs in expert_refs for r in refs], assignments=[r for refs in router_refs for r in refs]))
+    commit_partitions(store, ds, size_list, class_counts, expert_refs, router_refs)
     log.info("cluster: %s K=%d sizes %s (label purity %.2f)", cc.method, k, size_list, purity)
     outputs = [centroids, report_ref, *images] + [FileRef(path=r.path, sha256=r.sha256, size=r.size)
                                                  for r in assignment_refs]

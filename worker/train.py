@@ -26,10 +26,10 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.config import IslandConfig, ModelConfig, RunConfig, TrainingConfig
-from common.keys import ROUTER, expert_prefix, export_key, job_name, manifest_key
+from common.keys import ROUTER, expert_prefix, export_key, job_label, job_name, manifest_key
 from common.manifests import ExpertManifest, ExportRecord, RouterManifest
 from common.storage import RunStore, ScopedStore, open_store
-from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export
+from worker.checkpoint import load_export, resume_latest_good, save_checkpoint, save_export, start_from_export
 from worker.data import PartitionStream, mix_seed, open_partition, worker_positions
 from worker.devices import autocast, check_training_device, configure_numerics, training_device
 from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
@@ -60,6 +60,10 @@ class TrainJob(BaseModel):
     seed: int = 0
     island: str = "local"
     num_experts: int = Field(1, ge=1)
+    stage: Literal["train", "hires"] = Field("train", description="The stage the job belongs to (names it in dashboards).")
+    init_key: str | None = Field(None, description=(
+        "A committed export record under the job's prefix to start from when no checkpoint exists: the base "
+        "stage's weights, for the high-resolution stage."))
     duration_tokens: int | None = Field(None, ge=1, description=(
         "training.budget_unit = tokens: train to the first step at which this many tokens were seen (a pure "
         "function of the data order); None = training.duration_nimg images."))
@@ -201,6 +205,9 @@ def train(job: TrainJob, store: RunStore, on_progress: Callable[[dict], None] | 
     if resumed is not None:
         _, nimg, step = resumed
         log.info("%s: resumed from %d images (step %d)", job.name, nimg, step)
+    elif job.init_key is not None:  # a continuation: the weights it continues from, a fresh optimizer
+        start_from_export(store, job.init_key, model, ema)
+        log.info("%s: starting from the export %s", job.name, job.init_key)
     mb = _micro_batch(job, model, data, device, world)
     parts = StepParts(model, ema, opt, *wrap_for_training(model, device, tc, world), device, tc, world)
     pos = worker_positions(job.batch, mb, rank, world).to(device)
@@ -284,7 +291,7 @@ class _Meter:
         if self.resumed_from is not None:
             row["resumed_from_nimg"], self.resumed_from = self.resumed_from, None
         store.append_text(f"{self.job.prefix}/metrics.jsonl", json.dumps(row) + "\n")
-        report_progress(self.job.name, self.job.island, row)
+        report_progress(job_label(self.job.name, self.job.stage), self.job.island, row)
         self.tensorboard = self.tensorboard or TensorBoardLog(store, tensorboard_prefix(self.job.name))
         self.tensorboard.add(row, nimg)
         if on_progress is not None:

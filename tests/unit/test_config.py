@@ -51,6 +51,25 @@ def test_bad_values_name_the_field(override: str, field: str) -> None:
     assert field in message and "\n" not in message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["hires.image_size=8"], "hires.image_size = 8 must exceed data.image_size = 8"),
+    (["hires.image_size=17"], "hires.image_size = 17: model.patch_size = 2 does not divide the latent size 17x17"),
+    (["hires.image_size=16", "data.buckets.enabled=true", "data.buckets.sizes=[[8, 8]]"], "leave data.buckets.sizes unset"),
+])
+def test_hires_settings_are_checked_at_config_time(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
+
+
+def test_hires_run_config_is_the_run_at_the_larger_size_with_the_stage_budgets() -> None:
+    config = resolve_config("shapes", overrides=["data.buckets.enabled=true", "data.buckets.target_area=256",
+                                                 "hires.image_size=32", "hires.total_nimg=4000", "hires.lr=0.002"])
+    hires = config.hires_run_config()
+    assert (hires.data.image_size, hires.data.buckets.target_area, hires.hires) == (32, 1024, None)
+    assert (hires.expert_nimg, hires.training.lr) == (4000 // config.clustering.num_experts, 0.002)
+    assert hires.router_nimg == config.hires.router_nimg and hires.model == config.model
+
+
 def test_islands_must_split_the_router_batch_too() -> None:
     with pytest.raises(ConfigError, match="island a: .*router.training.global_batch 40"):
         resolve_config(overrides=["islands.pool=[{name: a, per_worker_batch: 16}]", "router.training.global_batch=40"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from common.config import resolve_config
+from common.errors import UsageError
 from common.manifests import StageResult
 from common.storage import RunStore
 from orchestrator.stages import STAGES, StageChanged, StageRunner, stage_fingerprints, stage_inputs
@@ -13,9 +16,9 @@ from orchestrator.stages import STAGES, StageChanged, StageRunner, stage_fingerp
 def _commit_all(store: RunStore, config, **kw) -> StageRunner:
     runner = StageRunner(store, config, **kw)
     runner.check()
-    for stage in STAGES:
+    for stage in runner.stages:
         store.write_bytes({"prepare": "data/x", "cluster": "clusters/x", "train": "experts/00/export.json",
-                           "gather": "ensemble.json"}[stage], b"work")
+                           "hires": "hires/experts/00/export.json", "gather": "ensemble.json"}[stage], b"work")
         runner.run(stage, lambda: StageResult())
     return runner
 
@@ -33,6 +36,30 @@ def test_run_only_settings_are_not_stage_inputs(tmp_path) -> None:
     assert same == base
     lr = stage_fingerprints(stage_inputs(_config(tmp_path, "training.lr=0.5")))
     assert lr["cluster"] == base["cluster"] and lr["train"] != base["train"] and lr["gather"] != base["gather"]
+
+
+def test_hires_is_a_stage_only_when_configured(tmp_path) -> None:
+    plain = stage_fingerprints(stage_inputs(_config(tmp_path)))
+    assert "hires" not in plain and "hires" in STAGES
+    hires = stage_fingerprints(stage_inputs(_config(tmp_path, "hires.image_size=16")))
+    assert all(hires[s] == plain[s] for s in ("prepare", "cluster", "train")) and hires["gather"] != plain["gather"]
+    with pytest.raises(UsageError, match="--redo hires: expected one of prepare, cluster, train, gather"):
+        StageRunner(RunStore(str(tmp_path)), _config(tmp_path), redo="hires")
+
+
+def test_hires_checkpoints_made_with_other_inputs_stop_the_run(tmp_path) -> None:
+    store, config = RunStore(str(tmp_path)), _config(tmp_path, "hires.image_size=16")
+    runner = StageRunner(store, config)
+    for stage in ("prepare", "cluster", "train"):
+        runner.run(stage, lambda: StageResult())
+    stamp = {"fingerprint": runner.fingerprints["hires"], "inputs": runner.inputs["hires"]}
+    store.write_bytes("hires/experts/00/job.json", json.dumps(stamp).encode())
+    StageRunner(store, config).check()  # the same inputs: it resumes
+    with pytest.raises(StageChanged, match=r"stage hires .*hires\.lr null -> 0\.5; hires/experts/00 holds checkpoints"):
+        StageRunner(store, _config(tmp_path, "hires.image_size=16", "hires.lr=0.5")).check()
+    with pytest.raises(StageChanged, match=r"later stages hold committed work \(hires \(checkpoints\)\)"):
+        StageRunner(store, config).invalidate_from("train")
+    assert store.exists("hires/experts/00/job.json")
 
 
 def test_a_changed_committed_stage_stops_and_redo_alone_clears_it(tmp_path) -> None:
@@ -66,7 +93,7 @@ def _as_older_version(store: RunStore, drop: str) -> None:
     from orchestrator.stages import _chained
 
     upstream = ""
-    for stage in STAGES:
+    for stage in (s for s in STAGES if store.exists(f"stages/{s}.json")):
         record = store.read_record(f"stages/{stage}.json", StageRecord)
         inputs = {k: v for k, v in record.details["inputs"].items() if k != drop}
         fingerprint = upstream = _chained(upstream, inputs)
@@ -84,7 +111,7 @@ def test_records_from_before_a_new_field_still_match_while_it_holds_its_default(
     _as_older_version(store, "data.max_items")  # as if data.max_items had been added since
     runner = StageRunner(store, config)
     runner.check()  # no StageChanged: the field the records lack is at its default
-    assert all(runner.run(stage, lambda: StageResult()).skipped for stage in STAGES)
+    assert all(runner.run(stage, lambda: StageResult()).skipped for stage in runner.stages)
     assert store.exists("experts/00/export.json")
     assert StageRunner(store, config).fingerprints == runner.fingerprints  # stable: nothing was rewritten
     with pytest.raises(StageChanged, match=r"stage prepare .*data.max_items"):  # set away from the default
