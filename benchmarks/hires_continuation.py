@@ -2,7 +2,7 @@
 
     python benchmarks/hires_continuation.py --out-dir /tmp/hires-bench
 
-Runs `ddm run` with `hires.image_size` (digits at 8x8, then 16x16, K = 2), then trains every hires job
+Runs (or reuses, when committed) `ddm run` with `hires.image_size` (digits at 8x8, then 16x16, K = 2), then trains every hires job
 again from random weights on a copy of its partition: the same job spec, data order and noise, only the
 starting weights differ. Prints, per job, the mean loss over the first log interval and over the last,
 continued vs from scratch, and their ratio. Loss is the flow-matching loss on the job's own training
@@ -41,8 +41,7 @@ def main() -> None:
     from worker.train import train
 
     torch.set_num_threads(2)
-    shutil.rmtree(args.out_dir, ignore_errors=True)
-    run = args.out_dir / "run"
+    run = args.out_dir / "run"  # a committed run is reused (its stages are skipped); the scratch runs are redone
     config = resolve_config("digits", overrides=[
         f"run_uri={run}", "clustering.num_experts=2", "training.global_batch=128",
         f"training.total_nimg={args.base_nimg}", "training.log_every_nimg=1024", "router.training.total_nimg=8192",
@@ -56,7 +55,10 @@ def main() -> None:
     rows = []
     for name, prefix in (("expert-00", "experts/00"), ("expert-01", "experts/01"), ("router", "router")):
         scratch = args.out_dir / f"scratch-{name}"
-        shutil.copytree(run / "hires" / prefix / "data", scratch / prefix / "data", dirs_exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if name != "router":
+            shutil.copytree(run / "hires" / prefix / "data", scratch / prefix / "data")
+        (scratch / prefix).mkdir(parents=True, exist_ok=True)
         shutil.copy(run / "hires" / prefix / "manifest.json", scratch / prefix / "manifest.json")
         if name == "router":  # its labels and every expert's rows
             shutil.copytree(run / "hires" / "clusters" / "router", scratch / "clusters" / "router", dirs_exist_ok=True)
