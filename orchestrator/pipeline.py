@@ -27,11 +27,11 @@ from common.config import RunConfig
 from common.errors import DDMError, UsageError
 from common.manifests import RunRecord, StageResult
 from common.storage import RunStore, normalize_url
+from orchestrator.hires_stage import hires_store, run_hires_stage
 from orchestrator.islands import local_node_resources
 from orchestrator.lease import LEASE_KEY, RunLease
 from orchestrator.progress import ProgressView
 from orchestrator.ray_group import RayWorkerGroup
-from orchestrator.hires_stage import hires_store, run_hires_stage
 from orchestrator.stages import StageDamaged, StageRunner, active_stages, code_version, now_iso
 from orchestrator.train_stage import job_scope, run_train_stage
 
@@ -280,6 +280,11 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
                                                inputs=runner.inputs["train"]), uses_ray=True)
     if "hires" in reached:
         sub = hires_store(store)
+        partial = runner.committed("hires")
+        if partial is not None and partial.details.get("missing"):
+            runner.invalidate_from("hires", force=True)  # retry the failed jobs; the others keep their exports
+        elif not runner.redoes("hires"):  # committed or not (a repair of train un-commits it): its jobs'
+            repair_exports(runner, "hires")  # exports count as done only when they verify
 
         def make_hires_group(jobs: dict) -> RayWorkerGroup:
             return RayWorkerGroup(sub, jobs, {name: job_scope(name) for name in jobs}, islands,
@@ -333,24 +338,26 @@ def check_committed_outputs(runner: StageRunner, until: str) -> None:
                                f"rebuilds them (and redoes every later stage)")
 
 
-def repair_exports(runner: StageRunner) -> None:
-    """A committed train stage whose exports fail verification is redone for those jobs only: each
-    re-exports from its last good checkpoint (or retrains if it has none); gather follows."""
+def repair_exports(runner: StageRunner, stage: str = "train") -> None:
+    """A committed training stage (train, hires) whose exports fail verification is redone for those jobs
+    only: each re-exports from its last good checkpoint (or retrains if it has none); later stages follow,
+    and nothing else they committed is removed (a continuation keeps its own copy of what it started from)."""
     from common.keys import ROUTER, expert_index, job_prefix
     from orchestrator.verify import damaged_exports, drop_export
 
-    train = runner.committed("train")
-    missing = set(train.details.get("missing", [])) if train else set()
-    expected = [job_prefix(job) for job in (train.details.get("placement", {}) if train else {})
+    record = runner.committed(stage)
+    store = hires_store(runner.store) if stage == "hires" else runner.store
+    missing = set(record.details.get("missing", [])) if record else set()
+    expected = [job_prefix(job) for job in (record.details.get("placement", {}) if record else {})
                 if job == ROUTER or expert_index(job) not in missing]
-    damaged = damaged_exports(runner.store, expected)
+    damaged = damaged_exports(store, expected)
     if not damaged:
         return
     for prefix, reason in damaged.items():
-        log.warning("%s: export fails verification (%s); re-exporting it from its last good checkpoint",
-                    prefix, reason)
-        drop_export(runner.store, prefix)
-    runner.invalidate_from("train", force=True)
+        log.warning("%s%s: export fails verification (%s); re-exporting it from its last good checkpoint",
+                    "hires/" if stage == "hires" else "", prefix, reason)
+        drop_export(store, prefix)
+    runner.invalidate_from(stage, force=True)
 
 
 def gather_intact(store: RunStore, config: RunConfig) -> bool:

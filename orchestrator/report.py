@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from common.config import RunConfig, to_yaml  # noqa: E402
 from common.manifests import ClusterManifest, EnsembleManifest, StageRecord  # noqa: E402
 from common.storage import RunStore  # noqa: E402
+from orchestrator.stages import STAGES  # noqa: E402
 
 GRID_N = 32
 QUICK_SAMPLES = 128  # per strategy in the report's own evaluation; `ddm eval` / --full use eval.num_samples
-from orchestrator.stages import STAGES
 # Evaluation columns: what each number is, its unit, and which way is better.
 METRICS = {
     "fd": "FD, Fréchet distance of classifier features (lower is better)",

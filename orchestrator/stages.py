@@ -41,6 +41,10 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 # What a training job writes under its prefix (experts/<k>, router); `--redo train` removes these.
 JOB_OUTPUTS = ("checkpoints", "export", "export.json", "metrics.jsonl", "samples", "status.json", "job.json")
 
+# Training stages: rerunning one resumes every job from its own commits, so the pipeline's repairs
+# (`invalidate_from(..., force=True)`) drop their records but never their outputs.
+RESUMABLE = ("train", "hires")
+
 # The config that changes each stage's output: the one table of stage inputs. A stage's fingerprint
 # covers these values (and its upstream stage's fingerprint); `NOT_INPUTS` are settings that change how
 # a stage runs, never what it produces (logging, checkpoint cadence and retention, worker counts,
@@ -321,7 +325,11 @@ class StageRunner:
         first = self.stages.index(stage)
         later = self.stages[first + 1:]
         kept = [s for s in later if self.store.exists(f"stages/{s}.json")]
-        kept += [f"{s} (checkpoints)" for s in ("train", "hires") if s in later and any(self.stamps(s))]
+        # Checkpoints of a later training stage stand in the way unless `stage` is itself a training stage
+        # they were made on top of, with today's inputs (a repair rerunning train leaves hires to resume).
+        kept += [f"{s} (checkpoints)" for s in RESUMABLE if s in later and any(
+            stage not in RESUMABLE or stamp.get("fingerprint") != self.fingerprints[s]
+            for stamp in self.stamps(s).values())]
         if kept and not force and not self.redoes(stage):
             raise StageChanged(
                 f"stage {stage} has no committed record but later stages hold committed work "
@@ -329,6 +337,8 @@ class StageRunner:
                 f"`ddm run --redo {stage}` (removes the later stages' outputs), or start a new run")
         for i, name in enumerate(self.stages[first:], start=first):
             self.store.delete(f"stages/{name}.json")
+            if name in RESUMABLE and (force or stage in RESUMABLE) and not self.redoes(stage):
+                continue  # rerun after a repair or a rerun of train: its jobs resume from what they committed
             for prefix in STAGE_OUTPUTS[name] if i > first else ():
                 self.store.delete(prefix.rstrip("/"))
 

@@ -102,3 +102,21 @@ def test_hires_resumes_from_its_checkpoints_without_retraining(hires_run) -> Non
     record = store.read_record("stages/hires.json", StageRecord)
     assert record.details["skipped_jobs"] == ["expert-00", "router"]
     assert record.details["prepare"]["resumed_shards"] == 1  # the prepared shard was kept
+
+
+def test_damaged_exports_are_re_exported_without_removing_any_hires_work(hires_run) -> None:
+    config, _, store = hires_run
+    hires = store.child("hires")
+    base = store.read_record("experts/01/export.json", ExportRecord)
+    high = hires.read_record("experts/00/export.json", ExportRecord)
+    for path in (f"{config.run_uri}/{base.weights.path}", f"{config.run_uri}/hires/{high.weights.path}"):
+        with open(path, "r+b") as f:  # bit rot in a base export and in a hires export
+            f.truncate(100)
+    kept = {k for k in hires.list("") if "/checkpoints/" in k or "/init" in k or k.startswith("data/")}
+    summary = run_pipeline(config, show_progress=False)
+    assert [s for s, v in summary.stages.items() if not v["skipped"]] == ["train", "hires", "gather"]
+    assert kept <= set(hires.list(""))  # nothing the continuation committed was removed
+    redone = hires.read_record("experts/00/export.json", ExportRecord)
+    assert redone.nimg == high.nimg and redone.weights.path != high.weights.path
+    assert store.read_record("stages/hires.json", StageRecord).details["skipped_jobs"] == ["expert-01", "router"]
+    assert [f for f in verify(store) if not f.ok] == []
