@@ -281,6 +281,9 @@ def _shapes(data: DataConfig, seed: int) -> Discovery:
         r = min(sw, sh) * rng.uniform(0.2, 0.35)
         u = rng.uniform(0.35, 0.65, 2)
         cx, cy = sw * u[0], sh * u[1]
+        if data.shapes_placement == "anywhere":  # the same draw, stretched to every centre the shape fits at
+            t = (u - 0.35) / 0.3
+            cx, cy = r + t[0] * max(0.0, sw - 2 * r), r + t[1] * max(0.0, sh - 2 * r)
         draw, fill = ImageDraw.Draw(img), COLOURS[colour]
         if SHAPES[shape] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

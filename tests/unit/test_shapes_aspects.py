@@ -44,3 +44,19 @@ def test_bad_aspect_ratios_name_the_field(value):
     with pytest.raises(ConfigError, match=r"^config: data\.shapes_aspect_ratios") as err:
         resolve_config(overrides=["data.source=builtin:shapes", f"data.shapes_aspect_ratios={value}"])
     assert "\n" not in str(err.value)
+
+
+def test_anywhere_placement_reaches_the_ends_that_a_centre_crop_cuts_off():
+    def lost(items) -> float:  # mean share of a wide drawing's shape pixels outside its centre square
+        shares = []
+        for item in items:
+            _, h, w = item.array.shape
+            if w > h:
+                shape, a = item.array.max(0) > 0.3, (w - h) // 2
+                shares.append(1 - shape[:, a:a + h].sum() / max(1, shape.sum()))
+        return float(np.mean(shares))
+
+    kw = {"shapes_aspect_ratios": [0.5, 1.0, 2.0], "buckets": {"enabled": True}, "gmm_items": 200}
+    centre, anywhere = _shapes(**kw), _shapes(**kw, shapes_placement="anywhere")
+    assert [(a.label, a.text) for a in centre] == [(b.label, b.text) for b in anywhere]  # the same draws
+    assert lost(centre) < 0.02 and lost(anywhere) > 0.25
