@@ -125,6 +125,10 @@ def follow_logs(client: Any, job_id: str, out: Any = None) -> None:
     asyncio.run(tail())
 
 
+AGENT_WAIT_S = 60.0  # how long a submission waits for a starting head's job agent
+NO_AGENT = "No available agent to submit job"
+
+
 def wait_terminal(client: Any, job_id: str, timeout_s: float | None = 30.0) -> str:
     """The job's status once it is final, or its last status after timeout_s (None = no limit)."""
     deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
@@ -146,12 +150,20 @@ def submit(address: str | None, run_args: list[str], working_dir: str = ".",
     entrypoint = build_entrypoint(run_args)
     env = build_runtime_env(working_dir, runtime_env)
     url = client.get_address()
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
-                                   metadata={"ddm": "1", "entrypoint": entrypoint[:200]})
-    except Exception as exc:  # e.g. a working dir over the upload limit, a bad runtime env field
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SubmitError(f"the Ray job server at {url} refused the job: {reason}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
+                                       metadata={"ddm": "1", "entrypoint": entrypoint[:200]})
+            break
+        except Exception as exc:  # e.g. a working dir over the upload limit, a bad runtime env field
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            # A head that has just started answers this until its job agent is up: Ray asks to retry.
+            if NO_AGENT in reason and time.monotonic() < deadline:
+                print(f"the Ray job server at {url} has no job agent up yet; retrying", file=sys.stderr, flush=True)
+                time.sleep(2.0)
+                continue
+            raise SubmitError(f"the Ray job server at {url} refused the job: {reason}") from None
     print(f"submitted job {job_id} to {url}: {entrypoint}", flush=True)
     if not follow:
         print(f"follow it with: ray job logs --follow {job_id} --address {url}", flush=True)
