@@ -64,3 +64,11 @@ def gmm(n: int, means: np.ndarray, std: float, weights: np.ndarray, seed: int = 
     comp = rng.choice(len(weights), size=n, p=weights)
     x = means[comp] + std * rng.standard_normal((n, means.shape[1]))
     return torch.from_numpy(x).float().view(n, 1, 2, 2), torch.from_numpy(comp).long()
+
+
+def partition_indices(store: RunStore, manifest: ExpertManifest) -> set[int]:
+    """The listing positions (`index`) of every row a partition's shards hold."""
+    out: set[int] = set()
+    for ref in manifest.shards:
+        out.update(load(store.get_payload(ref))["index"].tolist())
+    return out

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-from safetensors import safe_open
 
 from common.config import resolve_config
 from common.manifests import EnsembleManifest, ExpertManifest, ExportRecord, StageRecord
@@ -15,6 +14,7 @@ from orchestrator.cli import main
 from orchestrator.pipeline import run_pipeline
 from orchestrator.train_stage import build_jobs
 from orchestrator.verify import verify
+from tests.partitions import partition_indices
 from worker.checkpoint import checkpoint_records
 from worker.train import train
 
@@ -33,13 +33,6 @@ def hires_run(ray_session, tmp_path_factory):
     summary = run_pipeline(config, show_progress=False)
     return config, summary, RunStore(config.run_uri)
 
-
-def _indices(store: RunStore, manifest: ExpertManifest) -> set[int]:
-    out: set[int] = set()
-    for ref in manifest.shards:
-        with safe_open(store.local_copy(ref), "pt") as f:
-            out.update(f.get_tensor("index").tolist())
-    return out
 
 
 def test_hires_is_its_own_stage_and_the_ensemble_uses_its_exports(hires_run, capsys) -> None:
@@ -65,7 +58,7 @@ def test_hires_keeps_the_base_partition_and_holdout(hires_run) -> None:
         base = store.read_record(f"experts/{k:02d}/manifest.json", ExpertManifest)
         high = hires.read_record(f"experts/{k:02d}/manifest.json", ExpertManifest)
         assert high.latent_shape == [1, 16, 16] and high.rows == base.rows
-        assert _indices(hires, high) == _indices(store, base)  # the same rows, by listing position
+        assert partition_indices(hires, high) == partition_indices(store, base)  # the same rows, by listing position
 
 
 def test_hires_jobs_start_from_base_exports_below_a_from_scratch_loss(hires_run, tmp_path) -> None:

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from common.manifests import DatasetManifest, ExpertManifest, ExportRecord
 from common.presets import shapes
 from common.storage import RunStore
 from orchestrator.hires_stage import HiresError, cut_partitions, hires_store, seed_inits
 from orchestrator.train_stage import build_jobs
+from tests.partitions import partition_indices
 from worker.checkpoint import save_export
 from worker.models.dit import build_dit
 from worker.partition import cluster_data
@@ -35,13 +35,6 @@ def _config(root):
     cfg.hires = {"image_size": 32, "total_nimg": 128, "router_nimg": 64}
     return type(cfg).model_validate(cfg.model_dump())
 
-
-def _indices(store: RunStore, manifest: ExpertManifest) -> set[int]:
-    out: set[int] = set()
-    for ref in manifest.shards:
-        with safe_open(store.local_copy(ref), "pt") as f:
-            out.update(f.get_tensor("index").tolist())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +59,7 @@ def test_hires_buckets_are_regenerated_at_the_larger_area_and_rows_keep_their_ba
     for k in range(2):
         b = store.read_record(f"experts/{k:02d}/manifest.json", ExpertManifest)
         h = sub.read_record(f"experts/{k:02d}/manifest.json", ExpertManifest)
-        assert _indices(sub, h) == _indices(store, b) and h.rows == b.rows
+        assert partition_indices(sub, h) == partition_indices(store, b) and h.rows == b.rows
         assert all(ref.bucket is not None for ref in h.shards)  # the loader still batches per bucket
 
 
