@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 ROUTER = "router"
+HIRES_ROOT = "hires/"  # the high-resolution stage's folder: a run store of the run's own layout, inside it
 STUDENT = "student"
 _EXPERT_NAME = re.compile(r"expert-(\d+)")
 

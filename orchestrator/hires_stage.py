@@ -29,14 +29,14 @@ from safetensors.torch import load as st_load
 
 from common.config import RunConfig
 from common.errors import DDMError
-from common.keys import ROUTER, export_key, job_name, job_prefix, manifest_key
+from common.keys import HIRES_ROOT, ROUTER, export_key, job_name, job_prefix, manifest_key
 from common.manifests import ClusterManifest, DatasetManifest, ExportRecord, ShardRef, StageResult
 from common.storage import RunStore
 from orchestrator.controller import JobState, WorkerGroup
 from orchestrator.train_stage import init_key, run_train_stage
 
 log = logging.getLogger(__name__)
-HIRES = "hires"  # the stage, and its folder in the run store
+HIRES = "hires"  # the stage; its folder is common.keys.HIRES_ROOT
 _RANGE = re.compile(r"/(\d+)(?:-[^/]*)?\.safetensors$")  # data/shards/<i>[-<W>x<H>][-dedup].safetensors
 
 
@@ -45,7 +45,7 @@ class HiresError(DDMError):
 
 
 def hires_store(store: RunStore) -> RunStore:
-    return store.child(HIRES)
+    return store.child(HIRES_ROOT)
 
 
 def listing_range(ref: ShardRef) -> int:

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import ray
 
 from common.config import RunConfig
 from common.errors import DDMError, UsageError
+from common.keys import HIRES_ROOT
 from common.manifests import RunRecord, StageResult
 from common.storage import RunStore, normalize_url
 from orchestrator.hires_stage import hires_store, run_hires_stage
@@ -259,15 +260,12 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
     if "train" in reached:
         islands = {i.name: i for i in config.islands.pool}
 
-        def make_group(jobs: dict) -> RayWorkerGroup:
-            return RayWorkerGroup(store, jobs, {name: job_scope(name) for name in jobs}, islands,
-                                  use_labels=not ray_mode["local"])
+        def groups_on(target: RunStore) -> Callable[[dict], RayWorkerGroup]:
+            """Worker groups for a training stage whose jobs live in `target` (the run, or hires/)."""
+            return lambda jobs: RayWorkerGroup(target, jobs, {name: job_scope(name) for name in jobs}, islands,
+                                               use_labels=not ray_mode["local"])
 
-        partial = runner.committed("train")
-        if partial is not None and partial.details.get("missing"):
-            runner.invalidate_from("train", force=True)  # retry the failed experts; finished ones keep their exports
-        elif partial is not None and not runner.redoes("train"):
-            repair_exports(runner)
+        recover_training_stage(runner, "train")
         if ray.is_initialized():
             warn_unplaceable_islands(config)
 
@@ -275,22 +273,13 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
             lease.check()
             view.refresh()
 
-        stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], make_group,
+        stage("train", lambda: run_train_stage(config, store, runner.fingerprints["train"], groups_on(store),
                                                listener=view.job_changed, on_tick=tick,
                                                inputs=runner.inputs["train"]), uses_ray=True)
     if "hires" in reached:
-        sub = hires_store(store)
-        partial = runner.committed("hires")
-        if partial is not None and partial.details.get("missing"):
-            runner.invalidate_from("hires", force=True)  # retry the failed jobs; the others keep their exports
-        elif not runner.redoes("hires"):  # committed or not (a repair of train un-commits it): its jobs'
-            repair_exports(runner, "hires")  # exports count as done only when they verify
-
-        def make_hires_group(jobs: dict) -> RayWorkerGroup:
-            return RayWorkerGroup(sub, jobs, {name: job_scope(name) for name in jobs}, islands,
-                                  use_labels=not ray_mode["local"])
-
-        stage("hires", lambda: run_hires_stage(config, store, runner.fingerprints["hires"], make_hires_group,
+        recover_training_stage(runner, "hires")
+        hires_groups = groups_on(hires_store(store))
+        stage("hires", lambda: run_hires_stage(config, store, runner.fingerprints["hires"], hires_groups,
                                                None if is_builtin(config.data) else listing.fingerprint(),
                                                listener=view.job_changed, on_tick=tick,
                                                inputs=runner.inputs["hires"]), uses_ray=True)
@@ -338,6 +327,17 @@ def check_committed_outputs(runner: StageRunner, until: str) -> None:
                                f"rebuilds them (and redoes every later stage)")
 
 
+def recover_training_stage(runner: StageRunner, stage: str) -> None:
+    """Before a training stage (train, hires) runs or is skipped: a committed one with failed jobs is retried
+    (finished jobs keep their exports); otherwise its exports are verified, committed or not (a repair of
+    train un-commits hires), because its jobs count an export as done without reading it."""
+    record = runner.committed(stage)
+    if record is not None and record.details.get("missing"):
+        runner.invalidate_from(stage, force=True)
+    elif not runner.redoes(stage):
+        repair_exports(runner, stage)
+
+
 def repair_exports(runner: StageRunner, stage: str = "train") -> None:
     """A committed training stage (train, hires) whose exports fail verification is redone for those jobs
     only: each re-exports from its last good checkpoint (or retrains if it has none); later stages follow,
@@ -346,7 +346,8 @@ def repair_exports(runner: StageRunner, stage: str = "train") -> None:
     from orchestrator.verify import damaged_exports, drop_export
 
     record = runner.committed(stage)
-    store = hires_store(runner.store) if stage == "hires" else runner.store
+    root = HIRES_ROOT if stage == "hires" else ""
+    store = runner.store.child(root) if root else runner.store
     missing = set(record.details.get("missing", [])) if record else set()
     expected = [job_prefix(job) for job in (record.details.get("placement", {}) if record else {})
                 if job == ROUTER or expert_index(job) not in missing]
@@ -355,7 +356,7 @@ def repair_exports(runner: StageRunner, stage: str = "train") -> None:
         return
     for prefix, reason in damaged.items():
         log.warning("%s%s: export fails verification (%s); re-exporting it from its last good checkpoint",
-                    "hires/" if stage == "hires" else "", prefix, reason)
+                    root, prefix, reason)
         drop_export(store, prefix)
     runner.invalidate_from(stage, force=True)
 
@@ -389,7 +390,7 @@ def gather_and_preview(config: RunConfig, store: RunStore, runner: StageRunner) 
     last = runner.committed("hires" if config.hires is not None else "train")  # the stage whose exports gather uses
     missing = list(last.details.get("missing", [])) if last else []
     result = gather(config, store, allow_partial=config.islands.allow_partial, missing=missing,
-                    root="hires/" if config.hires is not None else "")
+                    root=HIRES_ROOT if config.hires is not None else "")
     # The VAE that decodes the preview is the one this driver's own config named (latents.model), not one
     # read from an untrusted store, so it may live outside the run.
     ensemble = Ensemble.load(store, allow_external_models=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import DDMError, UsageError
+from common.keys import HIRES_ROOT
 from common.manifests import RunRecord, StageRecord, StageResult
 from common.storage import RunStore
 
@@ -35,7 +36,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "cluster": ("clusters/",),  # + each expert's partition, which cluster_data clears with its manifests
     # The job folders (checkpoints, exports). Never cleared when train itself reruns: it resumes.
     "train": ("experts/", "router/"),
-    "hires": ("hires/",),  # a run store of the base layout (orchestrator/hires_stage.py); its jobs resume
+    "hires": (HIRES_ROOT,),  # a run store of the base layout (orchestrator/hires_stage.py); its jobs resume
     "gather": ("ensemble.json",),
 }
 # What a training job writes under its prefix (experts/<k>, router); `--redo train` removes these.
@@ -268,7 +269,7 @@ class StageRunner:
     def stamps(self, stage: str) -> dict[str, dict]:
         """The job stamps of a training stage (train: the run's jobs; hires: those under hires/)."""
         if stage == "hires":
-            return {f"hires/{p}": stamp for p, stamp in job_stamps(self.store.child("hires")).items()}
+            return {HIRES_ROOT + p: stamp for p, stamp in job_stamps(self.store.child(HIRES_ROOT)).items()}
         return job_stamps(self.store)
 
     def changed(self, stage: str, what: str) -> StageChanged:

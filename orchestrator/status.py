@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from common.errors import UsageError
-from common.keys import export_key, status_key
+from common.keys import HIRES_ROOT, export_key, status_key
 from common.manifests import (
     CheckpointRecord,
     DatasetManifest,
@@ -47,7 +47,7 @@ def collect_status(store: RunStore) -> dict:
     stages = stage_summary(store)
     sizes = store.sizes()  # one listing: what is reported as done must exist, with its recorded sizes
     jobs = []
-    for root, prefix in [("", p) for p in _jobs(store)] + [("hires/", p) for p in _jobs(store, "hires/")]:
+    for root, prefix in [("", p) for p in _jobs(store)] + [(HIRES_ROOT, p) for p in _jobs(store, HIRES_ROOT)]:
         status = store.read_record(status_key(prefix), JobStatusRecord)
         try:
             export = store.read_record(export_key(prefix), ExportRecord)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.keys import HIRES_ROOT
 from common.manifests import (
     CheckpointRecord,
     ClusterManifest,
@@ -27,7 +28,6 @@ from common.manifests import (
 from common.storage import IntegrityError, RunStore, sha256_bytes
 from orchestrator.stages import STAGES, job_prefixes
 
-HIRES_ROOT = "hires/"
 _CHECKPOINT = re.compile(r"^(.+)/checkpoints/\d{12}\.json$")
 
 

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import STRATEGIES, RunConfig, SamplingConfig
 from common.errors import DDMError, UsageError
+from common.keys import HIRES_ROOT
 from common.manifests import ClusterManifest, DatasetManifest, FileRef, Record, RunRecord, ShardRef
 from common.storage import RunStore, sha256_bytes
 from worker.ensemble import Ensemble
@@ -329,7 +330,7 @@ def evaluate(store: RunStore, config: RunConfig | None = None, num_samples: int 
     `compare` = {name: run store} adds other runs sampled at its shapes and judged by the same classifier."""
     inception = fid_weights(inception)
     config = config or run_config(store)
-    data = store.child("hires") if config.hires is not None else store  # the data the ensemble's exports last trained on
+    data = store.child(HIRES_ROOT) if config.hires is not None else store  # the data the ensemble's exports last trained on
     dataset = data.read_record("data/dataset.json", DatasetManifest)
     if dataset is None:
         raise EvalError(f"{data.url}/data/dataset.json: not committed")
