@@ -70,7 +70,7 @@ def base_clusters(store: RunStore, ds: DatasetManifest, clusters: ClusterManifes
 def cut_partitions(config: RunConfig, store: RunStore, sub: RunStore) -> list[int]:
     """Each expert's and the router's partition of the hires data, by the base clusters; returns the sizes.
     Cut once: committed manifests mean done (they are written last)."""
-    from worker.partition import _clear, assign_shard, commit_partitions
+    from worker.partition import PartitionTotals, _clear, assign_shard
 
     k = config.clustering.num_experts
     names = [manifest_key(job_prefix(job_name(e))) for e in range(k)] + [manifest_key(ROUTER), "clusters/clusters.json"]
@@ -84,10 +84,7 @@ def cut_partitions(config: RunConfig, store: RunStore, sub: RunStore) -> list[in
     if ds is None or clusters is None or hires is None:
         raise HiresError("hires: the base data, the base clusters or the hires data are not committed")
     _clear(sub)
-    sizes, class_counts = [0] * k, [{} for _ in range(k)]
-    expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    assignment_refs: list[ShardRef] = []
+    totals = PartitionTotals(k, hires.feature_dim)
     cached: tuple[int, dict[int, int]] = (-1, {})
     for i, ref in enumerate(hires.shards):
         r = listing_range(ref)
@@ -100,21 +97,14 @@ def cut_partitions(config: RunConfig, store: RunStore, sub: RunStore) -> list[in
             raise HiresError(f"hires: {len(missing)} rows of {ref.path} (listing position {missing[0]}, ...) have no "
                              f"base cluster; the source changed since the base stage")
         cluster = torch.tensor([cached[1][pos] for pos in index], dtype=torch.long)
-        part = assign_shard(sub, hires, i, k, config.clustering.metric, config.clustering.assign_chunk_rows,
-                            cluster=cluster)
-        assignment_refs.append(part.assignment)
-        for e in range(k):
-            sizes[e] += int(part.sizes[e])
-            if part.experts[e] is not None:
-                expert_refs[e].append(part.experts[e])
-                router_refs[e].append(part.router[e])
-            for label, count in part.class_counts[e].items():
-                class_counts[e][label] = class_counts[e].get(label, 0) + count
-    commit_partitions(sub, hires, sizes, class_counts, expert_refs, router_refs)
+        totals.add(assign_shard(sub, hires, i, k, config.clustering.metric, config.clustering.assign_chunk_rows,
+                                cluster=cluster))
+    totals.commit_partitions(sub, hires)
+    sizes = totals.sizes.tolist()
     # The base clustering, restated for the hires rows: `ddm eval` reads the router's targets from it.
     centroids = store.copy_payload(clusters.centroids, sub, clusters.centroids.path)
     sub.commit("clusters/clusters.json", clusters.model_copy(update={
-        "sizes": sizes, "centroids": centroids, "assignments": assignment_refs, "report": None, "images": []}))
+        "sizes": sizes, "centroids": centroids, "assignments": totals.assignments, "report": None, "images": []}))
     return sizes
 
 

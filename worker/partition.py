@@ -260,17 +260,46 @@ METHODS: dict[str, Callable[[RunConfig, RunStore, DatasetManifest, int], MethodP
     "random": random_plan, "kmeans2": kmeans2_plan}
 
 
-def commit_partitions(store: RunStore, ds: DatasetManifest, sizes: list[int], class_counts: list[dict[int, int]],
-                      expert_refs: list[list[ShardRef]], router_refs: list[list[ShardRef]]) -> None:
-    """Commit every expert's manifest and the router's, after all the shards they list are written."""
-    k = len(sizes)
-    for e in range(k):
-        store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
-            expert=e, num_experts=k, rows=sizes[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
-            text_dim=ds.text_dim, shards=expert_refs[e], class_counts=class_counts[e]))
-    store.commit(manifest_key(ROUTER), RouterManifest(
-        num_experts=k, rows=sum(sizes), latent_shape=ds.latent_shape, num_classes=ds.num_classes, text_dim=ds.text_dim,
-        shards=[r for refs in expert_refs for r in refs], assignments=[r for refs in router_refs for r in refs]))
+class PartitionTotals:
+    """Every shard's assignment summed in shard order: what the cluster manifest, the report and the
+    partitions' manifests are made of."""
+
+    def __init__(self, k: int, feature_dim: int) -> None:
+        self.k = k
+        self.sizes = torch.zeros(k, dtype=torch.long)       # training rows
+        self.assigned = torch.zeros(k, dtype=torch.long)    # every row, held-out included
+        self.sums = torch.zeros(k, feature_dim, dtype=torch.float64)
+        self.class_counts: list[dict[int, int]] = [{} for _ in range(k)]
+        self.thumbs: list[list[np.ndarray]] = [[] for _ in range(k)]
+        self.assignments: list[ShardRef] = []
+        self.expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
+        self.router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
+
+    def add(self, part: ShardAssignment) -> None:
+        self.sizes += part.sizes
+        self.assigned += part.assigned
+        if part.sums.numel():
+            self.sums += part.sums
+        self.assignments.append(part.assignment)
+        for e in range(self.k):
+            if part.experts[e] is not None:
+                self.expert_refs[e].append(part.experts[e])
+                self.router_refs[e].append(part.router[e])
+            for label, count in part.class_counts[e].items():
+                self.class_counts[e][label] = self.class_counts[e].get(label, 0) + count
+            self.thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(self.thumbs[e])])
+
+    def commit_partitions(self, store: RunStore, ds: DatasetManifest) -> None:
+        """Commit every expert's manifest and the router's, after all the shards they list are written."""
+        k, sizes = self.k, self.sizes.tolist()
+        for e in range(k):
+            store.commit(manifest_key(expert_prefix(e)), ExpertManifest(
+                expert=e, num_experts=k, rows=sizes[e], latent_shape=ds.latent_shape, num_classes=ds.num_classes,
+                text_dim=ds.text_dim, shards=self.expert_refs[e], class_counts=self.class_counts[e]))
+        store.commit(manifest_key(ROUTER), RouterManifest(
+            num_experts=k, rows=sum(sizes), latent_shape=ds.latent_shape, num_classes=ds.num_classes,
+            text_dim=ds.text_dim, shards=[r for refs in self.expert_refs for r in refs],
+            assignments=[r for refs in self.router_refs for r in refs]))
 
 
 def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
@@ -286,28 +315,11 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
     t0 = time.perf_counter()
     plan = METHODS[cc.method](config, store, ds, n)
 
-    sums = torch.zeros(k, ds.feature_dim, dtype=torch.float64)
-    sizes = torch.zeros(k, dtype=torch.long)
-    assigned = torch.zeros(k, dtype=torch.long)  # every row, held-out included
-    class_counts: list[dict[int, int]] = [{} for _ in range(k)]
-    thumbs: list[list[np.ndarray]] = [[] for _ in range(k)]
-    assignment_refs: list[ShardRef] = []
-    expert_refs: list[list[ShardRef]] = [[] for _ in range(k)]
-    router_refs: list[list[ShardRef]] = [[] for _ in range(k)]
+    totals = PartitionTotals(k, ds.feature_dim)
     t1 = time.perf_counter()
     for part in _assign_all(store, ds, plan.jobs, k, cc.metric, cc.assign_chunk_rows, plan.parallel):
-        sizes += part.sizes
-        assigned += part.assigned
-        if part.sums.numel():
-            sums += part.sums
-        assignment_refs.append(part.assignment)
-        for e in range(k):
-            if part.experts[e] is not None:
-                expert_refs[e].append(part.experts[e])
-                router_refs[e].append(part.router[e])
-            for label, count in part.class_counts[e].items():
-                class_counts[e][label] = class_counts[e].get(label, 0) + count
-            thumbs[e].extend(part.thumbs[e][:GRID_THUMBS - len(thumbs[e])])
+        totals.add(part)
+    sizes, class_counts, thumbs, assignment_refs = totals.sizes, totals.class_counts, totals.thumbs, totals.assignments
     details = {**plan.details, "parallel_assignment": plan.parallel}
     timings = {"fit_s": round(t1 - t0, 3), "assign_s": round(time.perf_counter() - t1, 3)}  # not in the report: it stays reproducible
 
@@ -316,7 +328,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         empty = [e for e, s in enumerate(size_list) if s == 0]
         raise ConfigError(f"clustering.num_experts = {k} leaves cluster(s) {empty} empty (sizes {size_list}); "
                          "lower clustering.num_experts or set clustering.balanced=true")
-    found = plan.centroids(sizes, assigned, sums)
+    found = plan.centroids(sizes, totals.assigned, totals.sums)
     centroids = store.put_payload("clusters/centroids.safetensors", save_safetensors({
         "fine": found["fine"].cpu().float().clone(), "coarse": found["coarse"].cpu().float().clone(),
         "fine_to_coarse": found["fine_to_coarse"].cpu().long().contiguous(),
@@ -334,7 +346,7 @@ def cluster_data(config: RunConfig, store: RunStore) -> StageResult:
         method=cc.method, metric=cc.metric, num_experts=k, num_fine=len(found["fine"]), sizes=size_list,
         centroids=centroids, assignments=assignment_refs, report=report_ref, images=images))
 
-    commit_partitions(store, ds, size_list, class_counts, expert_refs, router_refs)
+    totals.commit_partitions(store, ds)
     log.info("cluster: %s K=%d sizes %s (label purity %.2f)", cc.method, k, size_list, purity)
     outputs = [centroids, report_ref, *images] + [FileRef(path=r.path, sha256=r.sha256, size=r.size)
                                                  for r in assignment_refs]
