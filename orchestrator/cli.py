@@ -31,8 +31,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
     sys.stdout.write(to_yaml(config) + format_budget(training_budget(config)))
     if config.hires is not None:  # the continuation's own budget, at its size
-        sys.stdout.write(format_budget(training_budget(config.hires_run_config())).replace(
-            "# budget (", "# hires budget (", 1).replace("training.total_nimg split", "hires.total_nimg split", 1))
+        hires = {**training_budget(config.hires_run_config()), "rule": "hires.total_nimg split over K"}
+        sys.stdout.write(format_budget(hires, heading="hires budget"))
     return 0
 
 

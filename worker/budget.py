@@ -77,11 +77,11 @@ def training_budget(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def format_budget(b: dict[str, Any]) -> str:
+def format_budget(b: dict[str, Any], heading: str = "budget") -> str:
     """YAML comment lines, so `ddm config show` output stays a loadable config."""
     shape = "x".join(map(str, b["latent_shape"]))
     return "\n".join([
-        f"# budget ({b['rule']}; latents {shape}; FLOPs = 3 x forward x images):",
+        f"# {heading} ({b['rule']}; latents {shape}; FLOPs = 3 x forward x images):",
         f"#   per expert: {b['per_expert_nimg']:,} images = {b['per_expert_steps']:,} steps of batch {b['per_expert_batch']}"
         if b["budget_unit"] == "images" else
         f"#   per expert: {b['per_expert_nimg'] * b['tokens_per_image']:,} tokens (budget_unit = tokens: the tokens of "

@@ -137,3 +137,11 @@ def test_expert_and_router_jobs_carry_the_derived_duration() -> None:
     island = IslandConfig(name="local")
     assert expert_job(config, 3, island).training.duration_nimg == 8000
     assert router_job(config, island).training.duration_nimg == config.router_nimg
+
+
+def test_config_show_prints_the_hires_budget_at_its_size(capsys) -> None:
+    assert main(["config", "show", "--set", "hires.image_size=16", "--set", "hires.total_nimg=96000"]) == 0
+    out = capsys.readouterr().out
+    assert "# hires budget (hires.total_nimg split over K; latents 1x16x16;" in out
+    assert "#   per expert: 24,000 images = 375 steps of batch 64" in out
+    assert yaml.safe_load(out)["hires"]["image_size"] == 16  # the output stays a loadable config
