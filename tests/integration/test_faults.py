@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 # A short gmm run: two experts of 2 x 2 points on two islands, checkpoints every few steps.
 SMALL = ["data.gmm_items=1024", "data.gmm_components=2", "clustering.num_experts=2",
-         "clustering.num_fine_centroids=16", "training.global_batch=128", "training.duration_nimg=24000",
+         "clustering.num_fine_centroids=16", "training.global_batch=128", "training.duration_nimg=12800",
          "training.checkpoint_every_nimg=3200", "training.log_every_nimg=640",
          "router.training.duration_nimg=6400", "router.training.checkpoint_every_nimg=3200",
          "islands.assignment={0: island-a, 1: island-b}", "router.island=island-b", "islands.max_retries=2",
@@ -54,7 +54,7 @@ def test_node_loss_resumes_expert_on_matching_node(tmp_path: Path) -> None:
     # The killed expert resumed from a checkpoint: its log may step back to that checkpoint, never to zero.
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/00")]
     drops = [i for i in range(1, len(seen)) if seen[i] <= seen[i - 1]]
-    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in drops) and seen[-1] == 24000
+    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in drops) and seen[-1] == 12800
     # ... while the other expert never restarted.
     assert other.state == "succeeded" and other.attempts == 1 and other.retries == 0
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/01")]
@@ -97,4 +97,4 @@ def test_driver_killed_mid_run_is_resumed_without_redoing_committed_work(tmp_pat
     # The interrupted expert resumed from its checkpoint rather than from zero.
     seen = [row["nimg"] for row in _metrics_rows(store, "experts/00")]
     restarts = [i for i in range(1, len(seen)) if seen[i] <= seen[i - 1]]
-    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in restarts) and seen[-1] == 24000
+    assert seen.count(seen[0]) == 1 and all(seen[i] > 3200 for i in restarts) and seen[-1] == 12800

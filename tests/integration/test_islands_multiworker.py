@@ -17,9 +17,9 @@ from common.storage import RunStore
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["data.gmm_items=1024", "data.gmm_components=2", "clustering.num_experts=2",
-         "clustering.num_fine_centroids=16", "training.global_batch=128", "training.duration_nimg=12800",
-         "training.checkpoint_every_nimg=2560", "training.log_every_nimg=640",
-         "router.training.duration_nimg=2560", "islands.assignment={0: island-a, 1: island-b}",
+         "clustering.num_fine_centroids=16", "training.global_batch=128", "training.duration_nimg=6400",
+         "training.checkpoint_every_nimg=1280", "training.log_every_nimg=640",
+         "router.training.duration_nimg=1280", "islands.assignment={0: island-a, 1: island-b}",
          "router.island=island-b", "prepare.num_workers=1"]
 
 
@@ -54,7 +54,7 @@ def test_two_worker_island_lands_only_on_its_labelled_nodes(preempted) -> None:
     assert len(nodes["expert-00"]) == 2 and set(nodes["expert-00"]) <= set(result["labelled"]), (nodes, result)
     assert nodes["expert-01"] == [result["head"]] and nodes["router"] == [result["head"]]
     status = store.read_record("experts/00/status.json", JobStatusRecord)
-    assert status.state == "succeeded" and status.nimg == 12800  # progress from rank 0 reached the driver
+    assert status.state == "succeeded" and status.nimg == 6400  # progress from rank 0 reached the driver
     assert status.node in result["labelled"]  # the slot actor driving the group is on the island too
     assert any(k.startswith("tb/expert-00/events.out.tfevents") for k in store.list("tb/expert-00/"))
 
@@ -68,10 +68,10 @@ def test_preempted_node_resumes_the_group_on_the_remaining_labelled_nodes(preemp
     rows = [json.loads(line) for line in store.read_bytes("experts/00/metrics.jsonl").decode().splitlines() if line]
     seen = [row["nimg"] for row in rows]
     resumes = [row["resumed_from_nimg"] for row in rows if "resumed_from_nimg" in row]
-    # The re-formed group resumed from a committed checkpoint (every 2,560 images), never from zero, and finished.
-    assert resumes and all(r >= 2560 and r % 2560 == 0 for r in resumes), (resumes, seen)
-    assert seen.count(seen[0]) == 1 and seen[-1] == 12800
-    assert store.read_record("experts/00/export.json", ExportRecord).nimg == 12800
+    # The re-formed group resumed from a committed checkpoint (every 1,280 images), never from zero, and finished.
+    assert resumes and all(r >= 1280 and r % 1280 == 0 for r in resumes), (resumes, seen)
+    assert seen.count(seen[0]) == 1 and seen[-1] == 6400
+    assert store.read_record("experts/00/export.json", ExportRecord).nimg == 6400
     # The other island never noticed.
     other = store.read_record("experts/01/status.json", JobStatusRecord)
     assert other.state == "succeeded" and other.attempts == 1 and other.retries == 0
