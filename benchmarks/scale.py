@@ -114,9 +114,12 @@ def image_case(n: int, work: Path, s3: bool, extra: list[str]) -> dict:
     store = RunStore(run)
     prep, clus = read_json(store, "stages/prepare.json"), read_json(store, "stages/cluster.json")
     img_s = n / prep["duration_s"]
+    listing_s = prep["details"]["source_listing"]["listing_s"]  # the content listing (hashes), before the stage
     return {"case": f"{'s3' if s3 else ''}img{n}", "rows": n, "wall_s": round(wall, 1), "driver_peak_rss_mib": round(rss),
             "prepare_s": prep["duration_s"], "prepare_img_s": round(img_s), "pil_loop_img_s": round(baseline),
-            "prepare_vs_pil": round(img_s / baseline, 2), "prepare_first_shard_s": prep["details"]["first_shard_s"],
+            "prepare_vs_pil": round(img_s / baseline, 2), "source_listing_s": listing_s,
+            "listing_and_prepare_vs_pil": round(n / (listing_s + prep["duration_s"]) / baseline, 2),
+            "prepare_first_shard_s": prep["details"]["first_shard_s"],
             "prepare_steady_img_s": prep["details"]["steady_img_per_s"],
             "steady_vs_pil": round((prep["details"]["steady_img_per_s"] or 0) / baseline, 2),
             "cluster_fit_s": clus["details"]["fit_s"],

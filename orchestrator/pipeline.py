@@ -300,13 +300,14 @@ def prepare_and_list(config: RunConfig, store: RunStore, listing) -> StageResult
     from worker.listing import commit_listing, is_builtin
     from worker.prepare import prepare_data
 
-    result = prepare_data(config, store, None if is_builtin(config.data) else listing.fingerprint())
-    if not is_builtin(config.data):
-        ref = commit_listing(store, listing)
-        result = result.model_copy(update={
-            "outputs": [*result.outputs, ref],
-            "details": {**result.details, "source_listing": {"fingerprint": listing.fingerprint(),
-                                                             "items": len(listing.items)}}})
+    if is_builtin(config.data):
+        return prepare_data(config, store)
+    result = prepare_data(config, store, listing.fingerprint(), listing.sizes())  # discovery reuses the listing
+    ref = commit_listing(store, listing)
+    result = result.model_copy(update={
+        "outputs": [*result.outputs, ref],
+        "details": {**result.details, "source_listing": {"fingerprint": listing.fingerprint(), "items": len(listing.items),
+                                                         "listing_s": listing.seconds}}})
     return result
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 
 from common.config import DataConfig, StorageConfig
 from common.storage import RunStore
@@ -40,6 +41,13 @@ class ListedItem:
 class SourceListing:
     source: str
     items: list[ListedItem] = field(default_factory=list)
+    single_file: bool = False         # the source is one tar shard: keys are relative to its folder
+    seconds: float | None = None      # how long listing (and hashing) took, for the prepare record
+
+    def sizes(self) -> dict[str, int] | None:
+        """{key relative to the source: size}, what discovery would find by walking the source; None for a
+        single-shard source, whose keys are relative to its folder instead."""
+        return None if self.single_file else {item.key: item.size for item in self.items}
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -48,7 +56,9 @@ class SourceListing:
         return h.hexdigest()
 
     def to_jsonl(self) -> bytes:
-        return "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in self.items).encode()
+        # Keys in sorted order, as json.dumps(asdict(item), sort_keys=True) writes them, without asdict's deep copy.
+        return "".join(json.dumps({"etag": i.etag, "key": i.key, "mtime": i.mtime, "size": i.size}) + "\n"
+                       for i in self.items).encode()
 
     @classmethod
     def from_jsonl(cls, source: str, raw: bytes) -> SourceListing:
@@ -85,7 +95,8 @@ def list_source(data: DataConfig, storage: StorageConfig | None = None,
     """The source's content listing; re-hashes only local files whose size or mtime changed."""
     if is_builtin(data):
         return SourceListing(data.source)
-    source = RunStore(data.source, storage)
+    start = time.perf_counter()
+    source, single_file = RunStore(data.source, storage), False
     try:
         found = source.info_all()
     except FileNotFoundError:
@@ -94,7 +105,7 @@ def list_source(data: DataConfig, storage: StorageConfig | None = None,
         name = source.url.rsplit("/", 1)[1]
         parent = RunStore(source.url.rsplit("/", 1)[0], storage)
         found = {name: parent.info_all(name)[name]}
-        source = parent
+        source, single_file = parent, True
     elif not found:
         raise SourceError(f"data.source {data.source}: not found (or empty)")
     known = {item.key: item for item in (previous.items if previous else [])}
@@ -115,7 +126,7 @@ def list_source(data: DataConfig, storage: StorageConfig | None = None,
     if not items:
         raise SourceError(f"data.source {data.source}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards "
                           f"found")
-    return SourceListing(data.source, items)
+    return SourceListing(data.source, items, single_file, round(time.perf_counter() - start, 3))
 
 
 def _sha256(source: RunStore, key: str) -> str:

@@ -170,7 +170,7 @@ def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: li
     ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"fs": found.fs, "data": config.data, "buckets": buckets},
                         num_cpus=config.prepare.decode_cpus)
     pool = ActorPoolStrategy(min_size=1, max_size=n, max_tasks_in_flight_per_actor=1) if config.prepare.use_gpu \
-        else ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1)
+        else ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=2)
     ds = ds.map_batches(ShardEncoder, batch_size=1, fn_constructor_args=encoder_args, compute=pool, **resources)
     for row in ds.iter_rows():
         yield PreparedShard.model_validate_json(row["record"])
@@ -280,11 +280,13 @@ def write_holdout(store: RunStore, shards: list[ShardRef], fraction: float, seed
             "rule": "worker.prepare.heldout_mask(index, fraction, seed)"}
 
 
-def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | None = None) -> StageResult:
+def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | None = None,
+                 listed: dict[str, int] | None = None) -> StageResult:
     """Decode, encode and write the dataset; returns {discovered, used, quarantined, shards}.
-    `source_fingerprint`: the content listing's (the pipeline passes the listing it commits)."""
+    `source_fingerprint` and `listed` ({key: size}): the content listing's, when the caller has one (the
+    pipeline passes the listing it commits, so discovery does not walk the source again)."""
     t0 = time.perf_counter()
-    found = discover(config.data, config.seed)
+    found = discover(config.data, config.seed, listed)
     items, R = found.items, config.data.shard_rows
     listed = time.perf_counter()
     plan = plan_id(config, items, source_fingerprint)

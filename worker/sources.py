@@ -59,11 +59,14 @@ class SourceError(UsageError, ValueError):
     """A source that cannot be used at all (missing, empty, unreadable labels file)."""
 
 
-def discover(data: DataConfig, seed: int) -> Discovery:
+def discover(data: DataConfig, seed: int, listed: dict[str, int] | None = None) -> Discovery:
+    """The items of `data.source`, in listing order. `listed`: {key relative to the source: size} of its
+    files when the caller has just listed them (the pipeline's content listing), so the source is not
+    walked a second time; the items are the same either way."""
     if data.source.startswith("builtin:"):
         found = _builtin(data, seed)
     else:
-        found = _files(data)
+        found = _files(data, listed)
     if data.max_items is not None:
         found.items = found.items[:data.max_items]
     if data.num_classes is not None:
@@ -94,17 +97,24 @@ def _read_range(fs: Any, path: str, offset: int, size: int | None) -> bytes:
 
 # ---- file sources -------------------------------------------------------------------------------------
 
-def _files(data: DataConfig) -> Discovery:
+def _files(data: DataConfig, listed: dict[str, int] | None = None) -> Discovery:
     fs, root = fsspec.core.url_to_fs(data.source)
     root = root.rstrip("/")
-    if not fs.exists(root):
-        raise SourceError(f"data.source {data.source}: not found")
+    files: dict[str, dict] = {}
     if root.endswith(".tar"):
+        if not fs.exists(root):
+            raise SourceError(f"data.source {data.source}: not found")
         shards = [root]
         root = posixpath.dirname(root)
     else:
-        shards = sorted(p for p in fs.find(root) if p.endswith(".tar"))
-    found = _tar_shards(fs, root, shards, data) if shards else _image_folder(fs, root, data)
+        if listed is not None:
+            files = {f"{root}/{key}": {"size": size, "type": "file"} for key, size in listed.items()}
+        elif fs.exists(root):
+            files = fs.find(root, detail=True)  # one walk: the tar shards and the images both come from it
+        else:
+            raise SourceError(f"data.source {data.source}: not found")
+        shards = sorted(p for p in files if p.endswith(".tar"))
+    found = _tar_shards(fs, root, shards, data) if shards else _image_folder(fs, root, data, files)
     if not found.items:
         raise SourceError(f"data.source {data.source}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found")
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
@@ -163,8 +173,7 @@ def _finish(items: list[Item], raw: list[Any], fs: Any) -> Discovery:
     return Discovery(items, fs, (max(known) + 1) if known else None, extra)
 
 
-def _image_folder(fs: Any, root: str, data: DataConfig) -> Discovery:
-    listing = fs.find(root, detail=True)
+def _image_folder(fs: Any, root: str, data: DataConfig, listing: dict[str, dict]) -> Discovery:
     paths = sorted(p for p, info in listing.items() if info.get("type", "file") == "file")
     present = set(paths)
     table = _labels_file(fs, root, data) if data.label_source == "file" else {}

@@ -67,3 +67,15 @@ def test_object_store_items_use_their_etag(s3_endpoint) -> None:
     listed = list_source(DataConfig(source=root))
     assert [i.key for i in listed.items] == ["a/0.png", "a/1.png", "a/2.png"]
     assert all(not i.etag.startswith("sha256:") and len(i.etag) == 32 for i in listed.items)
+
+
+def test_listing_lines_are_the_dataclass_in_sorted_key_order(tmp_path) -> None:
+    """The committed listing's bytes: one sorted-key JSON object per item (what readers parse back)."""
+    import json
+    from dataclasses import asdict
+
+    listing = list_source(DataConfig(source=str(_folder(tmp_path / "src"))))
+    expected = "".join(json.dumps(asdict(i), sort_keys=True) + "\n" for i in listing.items).encode()
+    assert listing.to_jsonl() == expected
+    assert listing_mod.SourceListing.from_jsonl(listing.source, expected).items == listing.items
+    assert listing.seconds is not None and listing.sizes() == {i.key: i.size for i in listing.items}

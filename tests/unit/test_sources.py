@@ -147,3 +147,28 @@ def test_builtin_shapes_captions_name_the_labelled_shape():
         assert item.text.startswith("a ") and item.text.endswith(names[item.label])
         assert item.array.shape == (3, 16, 16) and item.array.min() >= -1 and item.array.max() <= 1
     assert len({i.label for i in found.items}) == 4
+
+
+@pytest.mark.parametrize("layout", ["folder", "tars", "one-tar"])
+def test_discovery_from_the_pipelines_listing_equals_walking_the_source(tmp_path, layout):
+    """The pipeline hands prepare its content listing so the source is walked once; the items (and so the
+    plan every shard's bytes depend on) are exactly what a walk finds."""
+    from worker.listing import list_source
+
+    if layout == "folder":
+        source = tmp_path / "src"
+        for name, seed in (("a/x.png", 1), ("a/y.jpg", 2), ("b/z.png", 3), ("z.png", 4)):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes(png(gradient(seed=seed)) if name.endswith("png") else jpeg(gradient(seed=seed)))
+        (source / "a" / "x.txt").write_text("a caption")
+        (source / "notes.md").write_text("not an input")
+        data = config(str(source), captions=True, label_source="folder").data
+    else:
+        write_shards(tmp_path / "tars")
+        source = tmp_path / "tars" / "shard-000.tar" if layout == "one-tar" else tmp_path / "tars"
+        data = config(str(source), captions=True, label_source="builtin").data
+    listing = list_source(data)
+    walked, reused = discover(data, 0), discover(data, 0, listing.sizes())
+    assert reused.items == walked.items and len(walked.items) >= 4
+    assert (reused.num_classes, reused.extra) == (walked.num_classes, walked.extra)
+    assert (listing.sizes() is None) == (layout == "one-tar")  # one shard: keys are relative to its folder
