@@ -118,7 +118,7 @@ def image_case(n: int, work: Path, s3: bool, extra: list[str]) -> dict:
     store = RunStore(run)
     prep, clus = read_json(store, "stages/prepare.json"), read_json(store, "stages/cluster.json")
     img_s = n / prep["duration_s"]
-    listing_s = prep["details"]["source_listing"]["listing_s"]  # the content listing (hashes), before the stage
+    listing_s = prep["details"]["source_listing"]["seconds"]  # the content listing (hashes), before the stage
     return {"case": f"{'s3' if s3 else ''}img{n}", "rows": n, "wall_s": round(wall, 1), "driver_peak_rss_mib": round(rss),
             "prepare_s": prep["duration_s"], "prepare_img_s": round(img_s), "pil_loop_img_s": round(baseline),
             "prepare_vs_pil": round(img_s / baseline, 2), "source_listing_s": listing_s,

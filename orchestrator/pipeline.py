@@ -307,7 +307,7 @@ def prepare_and_list(config: RunConfig, store: RunStore, listing) -> StageResult
     result = result.model_copy(update={
         "outputs": [*result.outputs, ref],
         "details": {**result.details, "source_listing": {"fingerprint": listing.fingerprint(), "items": len(listing.items),
-                                                         "listing_s": listing.seconds}}})
+                                                         "seconds": listing.seconds}}})
     return result
 
 

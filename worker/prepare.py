@@ -288,7 +288,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     t0 = time.perf_counter()
     found = discover(config.data, config.seed, listed)
     items, R = found.items, config.data.shard_rows
-    listed = time.perf_counter()
+    discovered_at = time.perf_counter()
     plan = plan_id(config, items, source_fingerprint)
     kept = kept_parts(store, plan)
     buckets = run_buckets(config)
@@ -345,7 +345,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
         outputs=[FileRef(path=s.path, sha256=s.sha256, size=s.size) for s, _, _ in shards] + [qref],
         details={"quarantine_reasons": kinds, "latent_shape": shape["latents"], "feature_dim": shape["features"][0],
                  "encode_processes": sorted({p.encoder_pid for p in parts.values() if p.shard in pending}),
-                 "resumed_shards": len(kept), "listing_s": round(listed - t0, 3),
+                 "resumed_shards": len(kept), "listing_s": round(discovered_at - t0, 3),
                  "first_shard_s": round(first - t0, 3),  # listing + pipeline start-up (worker processes)
                  # rows after the first shard over their time: a rate only where several shards follow the first
                  "steady_img_per_s": round(sum(parts[i].stop - parts[i].start for i in pending[1:]) / (last - first), 1)
