@@ -348,7 +348,7 @@ def repair_exports(runner: StageRunner, stage: str = "train") -> None:
 
     record = runner.committed(stage)
     root = HIRES_ROOT if stage == "hires" else ""
-    store = runner.store.child(root) if root else runner.store
+    store = hires_store(runner.store) if root else runner.store
     missing = set(record.details.get("missing", [])) if record else set()
     expected = [job_prefix(job) for job in (record.details.get("placement", {}) if record else {})
                 if job == ROUTER or expert_index(job) not in missing]

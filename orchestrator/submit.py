@@ -150,7 +150,7 @@ def submit(address: str | None, run_args: list[str], working_dir: str = ".",
     entrypoint = build_entrypoint(run_args)
     env = build_runtime_env(working_dir, runtime_env)
     url = client.get_address()
-    deadline = time.monotonic() + AGENT_WAIT_S
+    deadline, told = time.monotonic() + AGENT_WAIT_S, False
     while True:
         try:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
@@ -160,7 +160,10 @@ def submit(address: str | None, run_args: list[str], working_dir: str = ".",
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             # A head that has just started answers this until its job agent is up: Ray asks to retry.
             if NO_AGENT in reason and time.monotonic() < deadline:
-                print(f"the Ray job server at {url} has no job agent up yet; retrying", file=sys.stderr, flush=True)
+                if not told:  # one line for the whole wait, not one per attempt
+                    print(f"the Ray job server at {url} has no job agent up yet; retrying for up to "
+                          f"{AGENT_WAIT_S:.0f} s", file=sys.stderr, flush=True)
+                    told = True
                 time.sleep(2.0)
                 continue
             raise SubmitError(f"the Ray job server at {url} refused the job: {reason}") from None
