@@ -34,7 +34,6 @@ def hires_run(ray_session, tmp_path_factory):
     return config, summary, RunStore(config.run_uri)
 
 
-
 def test_hires_is_its_own_stage_and_the_ensemble_uses_its_exports(hires_run, capsys) -> None:
     config, summary, store = hires_run
     assert [s for s in summary.stages if not summary.stages[s]["skipped"]] == [

@@ -36,7 +36,6 @@ def _config(root):
     return type(cfg).model_validate(cfg.model_dump())
 
 
-
 @pytest.fixture(scope="module")
 def continued(tmp_path_factory):
     root = tmp_path_factory.mktemp("hires-buckets") / "run"
