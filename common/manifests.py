@@ -111,6 +111,9 @@ class PreparedShard(Record):
     digests: list[str] = Field(default_factory=list, description="sha256 of each row's source bytes ('' for built-ins)")
     quarantined: list[tuple[int, str]] = Field(default_factory=list, description="(listing position, reason)")
     shapes: dict[str, list[int]] = Field(default_factory=dict)
+    holdout: list[ShardRef] | None = Field(None, description=(
+        "data/holdout/<i>[-<W>x<H>].safetensors: the held-out rows of each data shard that has any, written by "
+        "the same worker (None: a part from a worker that did not write them, which a resume does not keep)"))
     encoder_pid: int = 0
 
     @model_serializer(mode="wrap")

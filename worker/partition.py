@@ -47,7 +47,7 @@ from common.keys import ROUTER, expert_prefix, manifest_key
 from common.manifests import ClusterManifest, DatasetManifest, ExpertManifest, FileRef, RouterManifest, ShardRef, StageResult
 from common.storage import RunStore
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, prepare, resolve_device
-from worker.prepare import heldout_mask
+from worker.prepare_shard import heldout_mask
 
 log = logging.getLogger(__name__)
 GRID_THUMBS = 64

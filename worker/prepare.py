@@ -19,7 +19,8 @@ Store layout written here (docs/data_plane.md):
     data/captions/<i:05d>.jsonl       {"index", "caption"} per row, when data.captions
     data/keys/<i:05d>.jsonl           {"index", "key"} per row: the source key (relative path, shard:member or
                                       builtin#i), so every partition row traces back to its file
-    data/holdout/<i:05d>.safetensors  the held-out rows of shard i (data.holdout_fraction; heldout_mask)
+    data/holdout/<i:05d>[-<W>x<H>].safetensors  the held-out rows of that data shard (data.holdout_fraction;
+                                      heldout_mask), written by the same worker
     data/parts/<i:05d>.json           PreparedShard: the worker's record of shard i
     data/quarantine.jsonl             {"source", "reason"} per item not used (always written)
     data/dataset.json                 DatasetManifest, committed LAST
@@ -153,7 +154,7 @@ def run_shards(config: RunConfig, store: RunStore, found: Discovery, pending: li
     import ray
 
     R, items = config.data.shard_rows, found.items
-    encoder_args = (store, plan, config.data, config.features, config.latents, config.text, pca)
+    encoder_args = (store, plan, config.seed, config.data, config.features, config.latents, config.text, pca)
     # One shard: actors would only add start-up time. memory:// lives in this process: only it can write there.
     if not ray.is_initialized() or len(pending) < 2 or store.protocol == "memory":
         encoder = ShardEncoder(*encoder_args)
@@ -185,12 +186,14 @@ def kept_parts(store: RunStore, plan: str) -> dict[int, PreparedShard]:
             part = store.read_record(key, PreparedShard)
         except ValueError:
             continue
-        if part is not None and part.plan == plan and key == part_key(part.shard):
+        # a part without its holdout record came from a worker that left the held-out rows to the driver
+        if part is not None and part.plan == plan and key == part_key(part.shard) and part.holdout is not None:
             kept[part.shard] = part
     if not kept:
         store.delete("data")
         return kept
-    keep = {part_key(i) for i in kept} | {r.path for p in kept.values() for r in (*p.payloads(), p.captions, p.keys) if r}
+    keep = {part_key(i) for i in kept} | {r.path for p in kept.values()
+                                          for r in (*p.payloads(), *(p.holdout or ()), p.captions, p.keys) if r}
     for key in store.list("data"):
         if key not in keep and "-dedup." not in key:  # dedup rewrites are reproduced byte for byte
             store.delete(key)
@@ -201,11 +204,11 @@ Final = tuple[ShardRef, FileRef | None, FileRef | None]  # a shard's data, capti
 
 
 def drop_duplicates(config: RunConfig, store: RunStore, parts: list[PreparedShard], items: list[Item]
-                    ) -> tuple[list[Final], list[tuple[int, str]]]:
+                    ) -> tuple[list[Final], list[ShardRef], list[tuple[int, str]]]:
     """First occurrence in listing order wins (data.duplicate_policy = quarantine). Returns each shard's
-    final (data, captions, keys) and the (position, reason) of every item not used."""
+    final (data, captions, keys), the final held-out shards, and the (position, reason) of every item not used."""
     first: dict[str, int] = {}
-    out, quarantined = [], []
+    out, held, quarantined = [], [], []
     for part in parts:
         quarantined += [tuple(q) for q in part.quarantined]
         drop = set()
@@ -220,24 +223,29 @@ def drop_duplicates(config: RunConfig, store: RunStore, parts: list[PreparedShar
             continue
         if drop:
             out += _rewrite(store, part, drop)
+            held += [ref for src in part.holdout or () if (ref := _without(store, src, drop, "holdout")) is not None]
         else:  # the range's sidecars (keyed by row index) go with its first shard
             out += [(ref, part.captions, part.keys) if j == 0 else (ref, None, None) for j, ref in enumerate(payloads)]
-    return out, sorted(quarantined)
+            held += part.holdout or []
+    return out, held, sorted(quarantined)
+
+
+def _without(store: RunStore, src: ShardRef, drop: set[int], folder: str) -> ShardRef | None:
+    """Shard `src` without the rows at listing positions `drop`, as data/<folder>/<name>-dedup.safetensors;
+    None when no row is left."""
+    tensors = st_load(store.get_payload(src))
+    keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
+    if not keep.any():
+        return None
+    name = src.path.rsplit("/", 1)[1].removesuffix(".safetensors")
+    ref = store.put_payload(f"data/{folder}/{name}-dedup.safetensors", st_save({k: v[keep].contiguous() for k, v in tensors.items()}))
+    return ShardRef(**ref.model_dump(), rows=int(keep.sum()), bucket=src.bucket)
 
 
 def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> list[Final]:
     """The shard(s) of `part` (and its sidecars) without the rows at listing positions `drop`, as
     <i>-dedup or <i>-<W>x<H>-dedup (rare); a bucket shard left with no row is dropped."""
-    out: list[Final] = []
-    for src in part.payloads():
-        tensors = st_load(store.get_payload(src))
-        keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
-        if not keep.any():
-            continue
-        tensors = {k: v[keep].contiguous() for k, v in tensors.items()}
-        name = f"{part.shard:05d}" if src.bucket is None else f"{part.shard:05d}-{src.bucket[0]}x{src.bucket[1]}"
-        ref = store.put_payload(f"data/shards/{name}-dedup.safetensors", st_save(tensors))
-        out.append((ShardRef(**ref.model_dump(), rows=int(keep.sum()), bucket=src.bucket), None, None))
+    out: list[Final] = [(ref, None, None) for src in part.payloads() if (ref := _without(store, src, drop, "shards")) is not None]
 
     def sidecar(src: FileRef | None, folder: str) -> FileRef | None:
         if src is None:
@@ -247,37 +255,6 @@ def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> list[Final
 
     out[0] = (out[0][0], sidecar(part.captions, "captions"), sidecar(part.keys, "keys"))
     return out
-
-
-# ---- held-out evaluation split (self-contained: a row's membership depends on its index alone) ----------
-def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for the rows held out for evaluation: a seeded splitmix64 hash of the global row index,
-    mapped to [0, 1), below `fraction`. Decided row by row, so any order or parallelism agrees."""
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as the hash intends
-        x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
-
-
-def write_holdout(store: RunStore, shards: list[ShardRef], fraction: float, seed: int) -> dict[str, Any]:
-    """Copy the held-out rows of each data shard to data/holdout/<i>.safetensors (all tensors), one shard
-    at a time. The cluster stage skips the same rows (heldout_mask), so no expert, router or k-means fit
-    sees them."""
-    refs, rows = [], 0
-    for i, ref in enumerate(shards):
-        if not fraction:
-            break
-        tensors = st_load(store.get_payload(ref))
-        mask = torch.from_numpy(heldout_mask(tensors["index"].numpy(), fraction, seed))
-        if mask.any():
-            part = {k: v[mask].contiguous() for k, v in tensors.items()}
-            out = store.put_payload(f"data/holdout/{i:05d}.safetensors", st_save(part))
-            refs.append(ShardRef(**out.model_dump(), rows=int(mask.sum()), bucket=ref.bucket).model_dump())
-            rows += int(mask.sum())
-    return {"fraction": fraction, "seed": seed, "rows": rows, "shards": refs,
-            "rule": "worker.prepare.heldout_mask(index, fraction, seed)"}
 
 
 def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | None = None,
@@ -304,7 +281,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
         if done % 10 == 0 or done == len(pending):
             log.info("prepare: %d / %d shards written", done, len(pending))
     ordered = [parts[i] for i in sorted(parts)]
-    shards, quarantined = drop_duplicates(config, store, ordered, items)
+    shards, held, quarantined = drop_duplicates(config, store, ordered, items)
 
     quarantine = [QuarantineEntry(source=items[pos].source, reason=reason) for pos, reason in quarantined]
     qref = store.put_payload("data/quarantine.jsonl", "".join(q.model_dump_json() + "\n" for q in quarantine).encode())
@@ -323,7 +300,8 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     if config.data.captions:
         extra["captions"] = [c.model_dump() for _, c, _ in shards if c is not None]
     extra["keys"] = [k.model_dump() for _, _, k in shards if k is not None]
-    extra["holdout"] = write_holdout(store, [s for s, _, _ in shards], config.data.holdout_fraction, config.seed)
+    extra["holdout"] = {"fraction": config.data.holdout_fraction, "seed": config.seed, "rows": sum(r.rows for r in held),
+                        "shards": [r.model_dump() for r in held], "rule": "worker.prepare_shard.heldout_mask(index, fraction, seed)"}
     shape = next(p.shapes for p in ordered if p.shapes)
     if buckets is not None:  # per-bucket rows; the dataset's latent shape is the most populous bucket's
         extra["buckets"] = bucket_summary([s for s, _, _ in shards], shape["latents"][0], vae_factor(config))

@@ -31,6 +31,29 @@ def part_key(i: int) -> str:
     return f"data/parts/{i:05d}.json"
 
 
+def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the rows held out for evaluation: a seeded splitmix64 hash of the global row index,
+    mapped to [0, 1), below `fraction`. Decided row by row, so any order or parallelism agrees, and the
+    cluster stage skips the same rows, so no expert, router or k-means fit sees them."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as the hash intends
+        x = np.asarray(index, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def write_holdout(store: RunStore, name: str, tensors: dict[str, torch.Tensor], fraction: float, seed: int,
+                  bucket: tuple[int, int] | None) -> ShardRef | None:
+    """The held-out rows of data shard `name` (all its tensors) as data/holdout/<name>.safetensors; None
+    when it holds none."""
+    mask = torch.from_numpy(heldout_mask(tensors["index"].numpy(), fraction, seed)) if fraction else None
+    if mask is None or not mask.any():
+        return None
+    ref = store.put_payload(f"data/holdout/{name}.safetensors", st_save({k: v[mask].contiguous() for k, v in tensors.items()}))
+    return ShardRef(**ref.model_dump(), rows=int(mask.sum()), bucket=bucket)
+
+
 def thumbnails(x: torch.Tensor, square: int | None = None) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> uint8 [B, h, w, C], at most THUMB_SIZE pixels a side. `square` (bucketed
     shards): every thumbnail is min(square, THUMB_SIZE) pixels square, so grids of any bucket tile alike."""
@@ -45,11 +68,11 @@ class ShardEncoder:
     """Encodes decoded shards and writes them; one per Ray actor (or one in-process), encoders built once.
     `pca` = (mean [D], projection [D, d]) of pixel features, fitted by the driver before any shard."""
 
-    def __init__(self, store: RunStore, plan: str, data: DataConfig, features: FeaturesConfig,
+    def __init__(self, store: RunStore, plan: str, seed: int, data: DataConfig, features: FeaturesConfig,
                  latents: LatentsConfig, text: TextConfig, pca: tuple[np.ndarray, np.ndarray] | None) -> None:
         from worker.encoders import Encoders
 
-        self.store, self.plan, self.data, self.latents_cfg, self.pca = store, plan, data, latents, pca
+        self.store, self.plan, self.seed, self.data, self.latents_cfg, self.pca = store, plan, seed, data, latents, pca
         self.encoders = Encoders(features, latents, text)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,17 +101,22 @@ class ShardEncoder:
         i = decoded.shard
         record = PreparedShard(shard=i, plan=self.plan, start=decoded.start, stop=decoded.stop, used=decoded.used,
                                digests=decoded.digests, encoder_pid=os.getpid(),
-                               quarantined=[(decoded.start + j, r) for j, r in enumerate(decoded.reasons) if r])
+                               quarantined=[(decoded.start + j, r) for j, r in enumerate(decoded.reasons) if r],
+                               holdout=[])
         if len(decoded.used):
             for bucket, rows, pixels in decoded.groups():  # one group, or one per bucket: a shard never mixes shapes
                 arrays = {k: v.contiguous() for k, v in self.encode(decoded, rows, pixels, bucket is not None).items()}
                 record.shapes = record.shapes or {k: list(v.shape[1:]) for k, v in arrays.items()}
+                name = f"{i:05d}" if bucket is None else f"{i:05d}-{bucket[0]}x{bucket[1]}"
+                ref = ShardRef(**self.store.put_payload(f"data/shards/{name}.safetensors", st_save(arrays)).model_dump(),
+                               rows=len(rows), bucket=bucket)
                 if bucket is None:
-                    ref = self.store.put_payload(f"data/shards/{i:05d}.safetensors", st_save(arrays))
-                    record.data = ShardRef(**ref.model_dump(), rows=len(decoded.used))
+                    record.data = ref
                 else:
-                    ref = self.store.put_payload(f"data/shards/{i:05d}-{bucket[0]}x{bucket[1]}.safetensors", st_save(arrays))
-                    record.bucket_data.append(ShardRef(**ref.model_dump(), rows=len(rows), bucket=bucket))
+                    record.bucket_data.append(ref)
+                held = write_holdout(self.store, name, arrays, self.data.holdout_fraction, self.seed, bucket)
+                if held is not None:
+                    record.holdout.append(held)  # type: ignore[union-attr]
             keys = "".join(json.dumps({"index": j, "key": k}) + "\n" for j, k in zip(decoded.used, decoded.sources))
             record.keys = self.store.put_payload(f"data/keys/{i:05d}.jsonl", keys.encode())
             if self.data.captions:

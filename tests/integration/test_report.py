@@ -88,7 +88,7 @@ def test_eval_measures_quality_against_the_held_out_split(trained_digits, capsys
 
 def test_status_lists_the_files_that_trained_an_expert(trained_digits, capsys):
     from common.manifests import DatasetManifest, ExpertManifest
-    from worker.prepare import heldout_mask
+    from worker.prepare_shard import heldout_mask
 
     store = RunStore(trained_digits)
     assert main(["status", trained_digits, "--expert", "1", "--files"]) == 0

@@ -469,7 +469,7 @@ def test_the_ray_data_map_functions_carry_buckets(tmp_path):
             "items": np.array([pickle.dumps(found.items[0:4]), pickle.dumps(found.items[4:8])], dtype=object)}
     decoded = decode_batch(rows, fs=found.fs, data=cfg.data, buckets=buckets)
     store = RunStore(str(tmp_path / "run"))
-    encoder = ShardEncoder(store, "plan", cfg.data, cfg.features, cfg.latents, cfg.text, None)
+    encoder = ShardEncoder(store, "plan", cfg.seed, cfg.data, cfg.features, cfg.latents, cfg.text, None)
     records = [PreparedShard.model_validate_json(r) for r in encoder(decoded)["record"]]
     for record in records:
         assert record.data is None and sum(r.rows for r in record.bucket_data) == 4

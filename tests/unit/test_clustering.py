@@ -13,7 +13,8 @@ from common.storage import RunStore
 from tests.partitions import load_numpy as load
 from worker.clustering import BalancedAssigner, balanced_capacity, fit_two_stage, kmeans, nearest, prepare
 from worker.partition import cluster_data
-from worker.prepare import heldout_mask, prepare_data
+from worker.prepare import prepare_data
+from worker.prepare_shard import heldout_mask
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 

@@ -13,10 +13,11 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from common.config import RunConfig
-from common.manifests import DatasetManifest
+from common.manifests import DatasetManifest, PreparedShard, ShardRef
 from common.storage import RunStore
 from worker.decode import Quarantined, decode_caption, decode_image
 from worker.prepare import prepare_data
+from worker.prepare_shard import heldout_mask
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other work
 
@@ -209,3 +210,26 @@ def test_captions():
         decode_caption(b"\xff")
     with pytest.raises(Quarantined, match="^bad_caption: invalid JSON"):
         decode_caption(b"{oops", "json")
+
+
+def test_held_out_rows_are_written_by_the_workers_and_follow_dedup(tmp_path):
+    """Each worker writes the held-out rows of its own shards; a duplicate dropped by the driver leaves
+    the held-out copy too, so data/holdout holds exactly heldout_mask's rows of the final data shards."""
+    write_messy_folder(tmp_path / "src")
+    store = RunStore(str(tmp_path / "run"))
+    cfg = messy_config(tmp_path / "src", holdout_fraction=0.99)  # the duplicate's row is held out as well
+    prepare_data(cfg, store)
+    ds = store.read_record("data/dataset.json", DatasetManifest)
+    data = {k: torch.cat([load_safetensors(store.get_payload(s))[k] for s in ds.shards]) for k in ("index", "latents")}
+    hold = ds.extra["holdout"]
+    held = [load_safetensors(store.get_payload(ShardRef(**r))) for r in hold["shards"]]
+    held_index = torch.cat([h["index"] for h in held])
+    expect = data["index"][torch.from_numpy(heldout_mask(data["index"].numpy(), 0.99, cfg.seed))]
+    dup = sorted([*GOOD, *BAD]).index("dog/zz_dup.png")
+    assert dup not in data["index"].tolist() and dup not in held_index.tolist()
+    assert held_index.tolist() == expect.tolist() and hold["rows"] == len(expect) > 0
+    assert "data/holdout/00002-dedup.safetensors" in [r["path"] for r in hold["shards"]]
+    rows = {i: j for j, i in enumerate(data["index"].tolist())}
+    assert torch.equal(torch.cat([h["latents"] for h in held]), data["latents"][[rows[i] for i in held_index.tolist()]])
+    parts = [store.read_record(k, PreparedShard) for k in store.list("data/parts")]
+    assert all(p.holdout is not None for p in parts) and "data/holdout/00002.safetensors" in store.list("data/holdout")

@@ -110,7 +110,7 @@ def test_mean_interval_is_the_student_t_interval():
 
 
 def test_heldout_mask_is_seeded_per_row_and_near_the_fraction():
-    from worker.prepare import heldout_mask
+    from worker.prepare_shard import heldout_mask
 
     index = np.arange(100_000)
     mask = heldout_mask(index, 0.2, seed=3)
