@@ -1,43 +1,40 @@
-"""The pipeline: prepare -> cluster -> train (experts x K + router) -> gather, on a Ray driver.
+"""The pipeline: prepare -> cluster -> train (experts x K + router) -> gather, on a Ray driver
+(orchestrator/ray_connect.py connects it).
 
 Every stage is idempotent (stages.py), so rerunning the same command after any crash resumes.
-Local mode starts a Ray instance sized to this machine whose single node carries every island's
-custom resources, so the same scheduling path runs as on a cluster.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
-import json
 import logging
-import os
-import socket
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
 from common.config import RunConfig
-from common.errors import DDMError, UsageError
+from common.errors import UsageError
 from common.keys import HIRES_ROOT
 from common.manifests import RunRecord, StageResult
-from common.storage import RunStore, normalize_url
+from common.storage import RunStore
 from orchestrator.hires_stage import hires_store, run_hires_stage
-from orchestrator.islands import local_node_resources
 from orchestrator.lease import LEASE_KEY, RunLease
 from orchestrator.progress import ProgressView
+from orchestrator.ray_connect import (
+    CONNECT_TIMEOUT_S,
+    check_durable_store,
+    connect_ray,
+    in_background,
+    in_cluster_mode,
+    start_ray_data_services,
+)
 from orchestrator.ray_group import RayWorkerGroup
 from orchestrator.stages import StageDamaged, StageRunner, active_stages, code_version, now_iso
 from orchestrator.train_stage import job_scope, run_train_stage
 
 log = logging.getLogger(__name__)
-RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor on a submitted job's driver
 
 
 @dataclass
@@ -47,131 +44,6 @@ class RunSummary:
     wall_s: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     dashboard_url: str | None = None
-
-
-# Env vars every Ray worker of the run should have. A job's runtime env (`ray job submit --runtime-env`)
-# wins: ray.init refuses a runtime env that sets a key the job's already sets, so only absent keys go.
-# OMP_NUM_THREADS is Ray's: each worker gets its actor's num_cpus (an island's cpus_per_worker).
-DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false",
-                   "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}  # the dashboard's Train tab
-CONNECT_TIMEOUT_S = 30.0
-
-
-def job_runtime_env() -> dict | None:
-    """The runtime env of the Ray job this driver runs in (None outside a submitted job)."""
-    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw).get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return {}
-
-
-def driver_runtime_env() -> dict | None:
-    """DRIVER_ENV_VARS minus the keys the job's runtime env or this process's environment already set."""
-    job_vars = (job_runtime_env() or {}).get("env_vars") or {}
-    env_vars = {k: v for k, v in DRIVER_ENV_VARS.items() if k not in job_vars and k not in os.environ}
-    return {"env_vars": env_vars} if env_vars else None
-
-
-def in_cluster_mode(address: str | None) -> bool:
-    """A driver inside a submitted Ray job, or one told to join a running cluster."""
-    return bool(address or os.environ.get("RAY_ADDRESS") or job_runtime_env() is not None)
-
-
-def check_durable_store(run_uri: str, cluster_mode: bool, allow_local_store: bool) -> None:
-    """Cluster mode refuses a run store that dies with the job or lives on one machine only.
-
-    A relative path inside a submitted job resolves into Ray's unpacked working dir
-    (`.../runtime_resources/working_dir_files/_ray_pkg_...`), deleted with the job's cache; a
-    `memory://` store lives in one process. Both are one clear line, not a silently lost run.
-    """
-    if not cluster_mode or allow_local_store:
-        return
-    url = normalize_url(run_uri)
-    scheme, path = url.split("://", 1)
-    if scheme == "memory":
-        reason = "lives in one process's memory"
-    elif scheme == "file" and ("runtime_resources" in path or "://" not in run_uri and not Path(run_uri).expanduser().is_absolute()):
-        reason = f"resolves to {path}, inside the job's working dir or this machine's cwd"
-    else:
-        return
-    raise UsageError(f"run store {run_uri} {reason}; in cluster mode give run_uri=s3://bucket/run (or --run "
-                     f"a path on a filesystem every node mounts), or pass --allow-local-store to keep it there")
-
-
-class ClusterUnreachable(DDMError):
-    """No Ray head answers at the address, or it refuses our token: one line, exit 1."""
-
-
-def probe_cluster(address: str, timeout_s: float) -> None:
-    """Fail in seconds, with one line, where ray.init would retry for minutes: nothing listening at
-    the address, or a token-auth cluster refusing us."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterUnreachable(f"--address {address}: expected HOST:PORT (the head's GCS port, default 6379) "
-                              "or ray://HOST:10001")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ClusterUnreachable(f"no Ray cluster answers at {address} within {timeout_s:g}s ({exc.strerror or exc}); "
-                              "check the head's address and port, or start one with `ray start --head`") from None
-    if address.startswith("ray://"):
-        return  # Ray Client: the server authenticates at ray.init
-    from ray._raylet import GcsClient
-
-    with _quiet_stderr():  # the C++ client logs each refusal itself; one line of ours is enough
-        try:
-            GcsClient(address=hostport)
-        except Exception as exc:  # noqa: BLE001 - AuthenticationError, RpcError: phrased below
-            if "auth" in type(exc).__name__.lower() or "AuthToken" in str(exc):
-                raise ClusterUnreachable(f"the Ray cluster at {address} refused our token; set RAY_AUTH_MODE=token and "
-                                      "RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH)") from None
-            raise ClusterUnreachable(f"the Ray cluster at {address} did not answer as a Ray head: "
-                                  f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def connect_ray(config: RunConfig, address: str | None,
-                timeout_s: float = CONNECT_TIMEOUT_S) -> tuple[bool, str | None]:
-    """Connect to a cluster (address / RAY_ADDRESS) or start a local instance. Returns (local, dashboard)."""
-    if ray.is_initialized():
-        return False, None
-    # Prepare's Ray Data pipeline and Ray Train both import ray.data (seconds of CPU on a small machine):
-    # import it while ray.init waits on the processes it starts, not after.
-    threading.Thread(target=importlib.import_module, args=("ray.data",), name="ddm-import", daemon=True).start()
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = driver_runtime_env()
-    if address:
-        probe_cluster(address, timeout_s)
-        context = ray.init(address=address, runtime_env=env, log_to_driver=False)
-        return False, context.dashboard_url
-    # The Ray Train controller reads it where the trainer is built; the runtime env carries it to actors.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    num_cpus = os.cpu_count() or 1
-    resources = local_node_resources(config, num_cpus) if config.islands.simulate else {}
-    # Dashboard on loopback only; Ray's token authentication is left as Ray configures it.
-    context = ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True,
-                       dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env,
-                       _temp_dir=f"/tmp/ddm-ray-{os.getuid()}")
-    return True, context.dashboard_url
 
 
 class NotARunStore(UsageError):
@@ -223,11 +95,35 @@ def run_pipeline(config: RunConfig, until: str = "gather", address: str | None =
 def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, address: str | None,
            show_progress: bool, redo: str | None, t0: float,
            connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunSummary:
-    from worker.listing import is_builtin, list_source, read_committed_listing, read_hash_cache, update_hash_cache
+    from worker.listing import (
+        hash_walk,
+        is_builtin,
+        list_source,
+        read_committed_listing,
+        read_hash_cache,
+        update_hash_cache,
+        walk_source,
+    )
 
     previous = None if is_builtin(config.data) else read_committed_listing(store, config.data)
     hint = (read_hash_cache(store, config.data) or previous) if previous else None
-    listing = list_source(config.data, config.storage, hint)  # missing/empty source: one line, nothing touched
+    summary = RunSummary(run_uri=store.url)
+    view = ProgressView(enabled=show_progress)
+    ray_mode: dict[str, bool] = {}  # Ray starts only when a stage that uses it has work to do
+
+    def start_ray() -> None:
+        ray_mode["local"], summary.dashboard_url = connect_ray(config, address, connect_timeout_s)
+        if summary.dashboard_url:
+            view.note(f"Ray dashboard: http://{summary.dashboard_url}")
+
+    if is_builtin(config.data) or ray.is_initialized() or (store.exists("stages/prepare.json") and redo != "prepare"):
+        listing = list_source(config.data, config.storage, hint)  # missing/empty source: one line, nothing touched
+    else:  # prepare will run, on Ray: Ray's processes start while this process hashes the source
+        walk = walk_source(config.data, config.storage)  # missing/empty source: one line, before Ray starts
+        hashed = in_background(lambda: hash_walk(config.data, walk, hint), name="ddm-listing")
+        start_ray()
+        start_ray_data_services()  # its service actors start before prepare's encoder actors, not beside them
+        listing = hashed()
     if hint is not None:
         update_hash_cache(store, listing, hint)
     runner = StageRunner(store, config, None if is_builtin(config.data) else listing.fingerprint(), redo=redo,
@@ -235,16 +131,11 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
     runner.check(until)  # a changed committed stage stops here, before anything is written
     check_committed_outputs(runner, until)
     runner.write_run_record()
-    summary = RunSummary(run_uri=store.url)
-    view = ProgressView(enabled=show_progress)
-    ray_mode: dict[str, bool] = {}  # Ray starts only when a stage that uses it has work to do
 
     def stage(name: str, fn, uses_ray: bool) -> None:
         lease.check()
         if uses_ray and not ray_mode and (runner.committed(name) is None or runner.redo == name):
-            ray_mode["local"], summary.dashboard_url = connect_ray(config, address, connect_timeout_s)
-            if summary.dashboard_url:
-                view.note(f"Ray dashboard: http://{summary.dashboard_url}")
+            start_ray()
         view.stage_started(name)
         outcome = runner.run(name, fn)
         summary.stages[name] = {"skipped": outcome.skipped, "duration_s": outcome.record.duration_s,

@@ -90,11 +90,18 @@ def _readable(key: str, data: DataConfig) -> bool:
     return data.captions and low.endswith((".txt", ".json"))
 
 
-def list_source(data: DataConfig, storage: StorageConfig | None = None,
-                previous: SourceListing | None = None) -> SourceListing:
-    """The source's content listing; re-hashes only local files whose size or mtime changed."""
-    if is_builtin(data):
-        return SourceListing(data.source)
+@dataclass
+class SourceWalk:
+    """The readable files of a source, walked but not yet hashed (walk_source, then hash_walk)."""
+    source: RunStore
+    files: dict[str, dict]  # key -> fsspec info, readable files only
+    single_file: bool
+    started: float  # perf_counter at the walk's start: the listing's seconds count walk and hashing
+
+
+def walk_source(data: DataConfig, storage: StorageConfig | None = None) -> SourceWalk:
+    """One walk of the source; a missing source or one with nothing prepare reads is one line, in the
+    time of that walk (the hashing, the slow part, is hash_walk)."""
     start = time.perf_counter()
     source, single_file = RunStore(data.source, storage), False
     try:
@@ -108,10 +115,19 @@ def list_source(data: DataConfig, storage: StorageConfig | None = None,
         source, single_file = parent, True
     elif not found:
         raise SourceError(f"data.source {data.source}: not found (or empty)")
+    files = {k: found[k] for k in sorted(found) if _readable(k, data)}
+    if not files:
+        raise SourceError(f"data.source {data.source}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards "
+                          f"found")
+    return SourceWalk(source, files, single_file, start)
+
+
+def hash_walk(data: DataConfig, walk: SourceWalk, previous: SourceListing | None = None) -> SourceListing:
+    """The walked files' content listing: ETags where the store has them, else sha256, re-hashing only
+    local files whose size or mtime changed since `previous`."""
     known = {item.key: item for item in (previous.items if previous else [])}
     items = []
-    for key in sorted(k for k in found if _readable(k, data)):
-        info = found[key]
+    for key, info in walk.files.items():
         size, mtime = int(info.get("size") or 0), info.get("mtime")
         etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
         if etag:
@@ -122,11 +138,16 @@ def list_source(data: DataConfig, storage: StorageConfig | None = None,
         if old is not None and old.size == size and old.mtime == mtime and mtime is not None:
             items.append(ListedItem(key, size, old.etag, mtime))
             continue
-        items.append(ListedItem(key, size, "sha256:" + _sha256(source, key), mtime))
-    if not items:
-        raise SourceError(f"data.source {data.source}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards "
-                          f"found")
-    return SourceListing(data.source, items, single_file, round(time.perf_counter() - start, 3))
+        items.append(ListedItem(key, size, "sha256:" + _sha256(walk.source, key), mtime))
+    return SourceListing(data.source, items, walk.single_file, round(time.perf_counter() - walk.started, 3))
+
+
+def list_source(data: DataConfig, storage: StorageConfig | None = None,
+                previous: SourceListing | None = None) -> SourceListing:
+    """The source's content listing; re-hashes only local files whose size or mtime changed."""
+    if is_builtin(data):
+        return SourceListing(data.source)
+    return hash_walk(data, walk_source(data, storage), previous)
 
 
 def _sha256(source: RunStore, key: str) -> str:

@@ -69,7 +69,8 @@ def test_prepare_killed_midway_resumes_keeping_committed_shards(tmp_path):
 @pytest.mark.slow
 def test_gpu_encoders_are_capped_by_the_gpus_the_cluster_has(tmp_path):
     """num_workers = 2 with use_gpu on a Ray that advertises one GPU: one encoder actor, no hang.
-    (The encoders are told to use the CPU; the GPU is only a scheduling resource here.)"""
+    (The encoders are told to use the CPU; the GPU is only a scheduling resource here.) On this fresh Ray,
+    the driver's early start of Ray Data's service actors creates them before any dataset does."""
     cfg = digits(600, shard_rows=100, prepare={"num_workers": 2, "use_gpu": True},
                  features={"device": "cpu"}, latents={"device": "cpu"})
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
@@ -87,9 +88,13 @@ def test_gpu_encoders_are_capped_by_the_gpus_the_cluster_has(tmp_path):
                 if "timed out during startup" not in str(exc) or attempt == 2:
                     raise
                 ray.shutdown()
+        from orchestrator.ray_connect import start_ray_data_services
+        start_ray_data_services()
+        services = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
         result = prepare_data(RunConfig.model_validate_json(open({str(tmp_path / 'cfg.json')!r}).read()),
                               RunStore({str(tmp_path / 'run')!r}))
-        print("RESULT", json.dumps({{"counts": result.counts, "pids": result.details["encode_processes"]}}))
+        print("RESULT", json.dumps({{"counts": result.counts, "pids": result.details["encode_processes"],
+                                     "services": services}}))
         ray.shutdown()
     """)
     try:
@@ -101,6 +106,7 @@ def test_gpu_encoders_are_capped_by_the_gpus_the_cluster_has(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
     assert result["counts"]["used"] == 600 and len(result["pids"]) == 1
+    assert {"ActorLocationTracker", "AutoscalingCoordinator", "datasets_stats_actor"} <= set(result["services"])
 
 
 @pytest.mark.ray

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from common.errors import UsageError
-from orchestrator.pipeline import (
+from orchestrator.ray_connect import (
     DRIVER_ENV_VARS,
     RAY_JOB_CONFIG_ENV,
     ClusterUnreachable,
