@@ -124,6 +124,7 @@ def _drive(config: RunConfig, store: RunStore, lease: RunLease, until: str, addr
         start_ray()
         start_ray_data_services()  # its service actors start before prepare's encoder actors, not beside them
         listing = hashed()
+        del walk, hashed  # the walk's per-file table: not held through the stages
     if hint is not None:
         update_hash_cache(store, listing, hint)
     runner = StageRunner(store, config, None if is_builtin(config.data) else listing.fingerprint(), redo=redo,
