@@ -113,7 +113,7 @@ class PreparedShard(Record):
     shapes: dict[str, list[int]] = Field(default_factory=dict)
     holdout: list[ShardRef] | None = Field(None, description=(
         "data/holdout/<i>[-<W>x<H>].safetensors: the held-out rows of each data shard that has any, written by "
-        "the same worker (None: a part from a worker that did not write them, which a resume does not keep)"))
+        "the same worker (None: a part from a worker that left them to the driver, which a resume writes)"))
     encoder_pid: int = 0
 
     @model_serializer(mode="wrap")

@@ -51,7 +51,7 @@ from common.manifests import DatasetManifest, FileRef, PreparedShard, Quarantine
 from common.storage import RunStore
 from worker.encoders import PixelFeatures, vae_config, vae_scale
 from worker.prepare_decode import decode_batch, decode_items
-from worker.prepare_shard import ShardEncoder, part_key
+from worker.prepare_shard import ShardEncoder, part_key, write_holdout
 from worker.sources import Discovery, Item, discover
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,7 @@ def kept_parts(store: RunStore, plan: str) -> dict[int, PreparedShard]:
             part = store.read_record(key, PreparedShard)
         except ValueError:
             continue
-        # a part without its holdout record came from a worker that left the held-out rows to the driver
-        if part is not None and part.plan == plan and key == part_key(part.shard) and part.holdout is not None:
+        if part is not None and part.plan == plan and key == part_key(part.shard):
             kept[part.shard] = part
     if not kept:
         store.delete("data")
@@ -272,6 +271,11 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     pending = [i for i in range(-(-len(items) // R)) if i not in kept]
     if kept:
         log.info("prepare: resuming, %d of %d shards already committed", len(kept), len(kept) + len(pending))
+    for part in kept.values():
+        if part.holdout is None:  # from a worker that left its held-out rows to the driver: written here once
+            part.holdout = [ref for src in part.payloads() if (ref := write_holdout(
+                store, src.path.rsplit("/", 1)[1].removesuffix(".safetensors"), st_load(store.get_payload(src)),
+                config.data.holdout_fraction, config.seed, src.bucket)) is not None]
     pca, pca_info = fit_pca(config, found, buckets)
     parts = dict(kept)
     first = last = time.perf_counter()

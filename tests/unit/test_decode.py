@@ -233,3 +233,23 @@ def test_held_out_rows_are_written_by_the_workers_and_follow_dedup(tmp_path):
     assert torch.equal(torch.cat([h["latents"] for h in held]), data["latents"][[rows[i] for i in held_index.tolist()]])
     parts = [store.read_record(k, PreparedShard) for k in store.list("data/parts")]
     assert all(p.holdout is not None for p in parts) and "data/holdout/00002.safetensors" in store.list("data/holdout")
+
+
+def test_a_resumed_prepare_keeps_parts_whose_held_out_rows_the_driver_wrote(tmp_path):
+    """A part committed by a worker that left its held-out rows to the driver is kept on resume (no shard
+    is encoded again); the driver writes those rows once, to the same files a worker would."""
+    write_messy_folder(tmp_path / "src")
+    store = RunStore(str(tmp_path / "run"))
+    cfg = messy_config(tmp_path / "src", holdout_fraction=0.5)
+    prepare_data(cfg, store)
+    before = store.read_record("data/dataset.json", DatasetManifest).extra["holdout"]
+    for key in store.list("data/parts"):
+        path = tmp_path / "run" / key
+        record = json.loads(path.read_text())
+        record.pop("holdout")
+        path.write_text(json.dumps(record))
+    store.delete("data/dataset.json")  # stopped before the dataset was committed
+    resumed = prepare_data(cfg, store)
+    assert resumed.details["resumed_shards"] == 3 and resumed.details["encode_processes"] == []
+    after = store.read_record("data/dataset.json", DatasetManifest).extra["holdout"]
+    assert after == before and before["rows"] > 0
