@@ -51,7 +51,7 @@ from common.manifests import DatasetManifest, FileRef, PreparedShard, Quarantine
 from common.storage import RunStore
 from worker.encoders import PixelFeatures, vae_config, vae_scale
 from worker.prepare_decode import decode_batch, decode_items
-from worker.prepare_shard import ShardEncoder, part_key, write_holdout
+from worker.prepare_shard import ShardEncoder, part_key, shard_name, write_holdout
 from worker.sources import Discovery, Item, discover
 
 log = logging.getLogger(__name__)
@@ -236,9 +236,16 @@ def _without(store: RunStore, src: ShardRef, drop: set[int], folder: str) -> Sha
     keep = torch.tensor([p not in drop for p in tensors["index"].tolist()])
     if not keep.any():
         return None
-    name = src.path.rsplit("/", 1)[1].removesuffix(".safetensors")
-    ref = store.put_payload(f"data/{folder}/{name}-dedup.safetensors", st_save({k: v[keep].contiguous() for k, v in tensors.items()}))
+    ref = store.put_payload(f"data/{folder}/{shard_name(src)}-dedup.safetensors",
+                            st_save({k: v[keep].contiguous() for k, v in tensors.items()}))
     return ShardRef(**ref.model_dump(), rows=int(keep.sum()), bucket=src.bucket)
+
+
+def driver_holdout(store: RunStore, part: PreparedShard, fraction: float, seed: int) -> list[ShardRef]:
+    """The held-out rows of a part's data shards, written by the driver (for a part whose worker did not)."""
+    refs = [write_holdout(store, shard_name(src), st_load(store.get_payload(src)), fraction, seed, src.bucket)
+            for src in part.payloads()]
+    return [ref for ref in refs if ref is not None]
 
 
 def _rewrite(store: RunStore, part: PreparedShard, drop: set[int]) -> list[Final]:
@@ -273,9 +280,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
         log.info("prepare: resuming, %d of %d shards already committed", len(kept), len(kept) + len(pending))
     for part in kept.values():
         if part.holdout is None:  # from a worker that left its held-out rows to the driver: written here once
-            part.holdout = [ref for src in part.payloads() if (ref := write_holdout(
-                store, src.path.rsplit("/", 1)[1].removesuffix(".safetensors"), st_load(store.get_payload(src)),
-                config.data.holdout_fraction, config.seed, src.bucket)) is not None]
+            part.holdout = driver_holdout(store, part, config.data.holdout_fraction, config.seed)
     pca, pca_info = fit_pca(config, found, buckets)
     parts = dict(kept)
     first = last = time.perf_counter()

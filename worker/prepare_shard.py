@@ -43,6 +43,11 @@ def heldout_mask(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
+def shard_name(ref: ShardRef) -> str:
+    """A data shard's name, e.g. 00003 or 00003-24x16: its file name without the suffix."""
+    return ref.path.rsplit("/", 1)[1].removesuffix(".safetensors")
+
+
 def write_holdout(store: RunStore, name: str, tensors: dict[str, torch.Tensor], fraction: float, seed: int,
                   bucket: tuple[int, int] | None) -> ShardRef | None:
     """The held-out rows of data shard `name` (all its tensors) as data/holdout/<name>.safetensors; None
@@ -101,8 +106,8 @@ class ShardEncoder:
         i = decoded.shard
         record = PreparedShard(shard=i, plan=self.plan, start=decoded.start, stop=decoded.stop, used=decoded.used,
                                digests=decoded.digests, encoder_pid=os.getpid(),
-                               quarantined=[(decoded.start + j, r) for j, r in enumerate(decoded.reasons) if r],
-                               holdout=[])
+                               quarantined=[(decoded.start + j, r) for j, r in enumerate(decoded.reasons) if r])
+        held: list[ShardRef] = []
         if len(decoded.used):
             for bucket, rows, pixels in decoded.groups():  # one group, or one per bucket: a shard never mixes shapes
                 arrays = {k: v.contiguous() for k, v in self.encode(decoded, rows, pixels, bucket is not None).items()}
@@ -114,13 +119,13 @@ class ShardEncoder:
                     record.data = ref
                 else:
                     record.bucket_data.append(ref)
-                held = write_holdout(self.store, name, arrays, self.data.holdout_fraction, self.seed, bucket)
-                if held is not None:
-                    record.holdout.append(held)  # type: ignore[union-attr]
+                held_out = write_holdout(self.store, name, arrays, self.data.holdout_fraction, self.seed, bucket)
+                held += [held_out] if held_out is not None else []
             keys = "".join(json.dumps({"index": j, "key": k}) + "\n" for j, k in zip(decoded.used, decoded.sources))
             record.keys = self.store.put_payload(f"data/keys/{i:05d}.jsonl", keys.encode())
             if self.data.captions:
                 lines = "".join(json.dumps({"index": j, "caption": c}) + "\n" for j, c in zip(decoded.used, decoded.captions))
                 record.captions = self.store.put_payload(f"data/captions/{i:05d}.jsonl", lines.encode())
+        record.holdout = held
         self.store.commit(part_key(i), record)
         return record
