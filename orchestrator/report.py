@@ -185,10 +185,12 @@ def _eval(store: RunStore, config: RunConfig, run_eval: bool, allow_external_mod
         from worker.eval_buckets import accuracy_cell
 
         names = list(results["shapes"][0]["models"]) if results["shapes"] else []
-        cells = [[r["bucket"], r["heldout_rows"], r["real_heldout_acc"]] + [accuracy_cell(m) for m in r["models"].values()]
-                 for r in results["shapes"]]
-        return (_table(cells, ["shape (WxH px)", "held-out rows", "real held-out acc."] + [f"{n} class acc." for n in names])
-                + f"<p>{html.escape(results['reference'])}; chance {results['chance_class_acc']}</p>")
+        cells = [[r["bucket"], r["heldout_rows"], r["real_heldout_acc"], r.get("floor", "")]
+                 + [accuracy_cell(m) for m in r["models"].values()] for r in results["shapes"]]
+        return (_table(cells, ["shape (WxH px)", "held-out rows", "real held-out acc.", "floor"]
+                       + [f"{n} class acc." for n in names])
+                + f"<p>{html.escape(results['reference'])}; chance {results['chance_class_acc']}; "
+                  f"floor: {html.escape(results.get('floor', 'none recorded'))}</p>")
     from worker.evaltable import metric_table, reference_lines
 
     header, cells = metric_table(results)  # mean ± 95% interval over the sampling seeds

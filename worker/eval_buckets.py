@@ -10,6 +10,10 @@ the sample shows the class that was asked for. Mean and 95% interval over sampli
 `others` are further runs sampled at the same shapes and judged by the same classifier: a square-only
 run (buckets off) on the same source shows what training on centre-cropped squares costs at non-square
 shapes.
+
+Each shape also gets a floor, fixed before any model is sampled: midway between chance and the classifier's
+accuracy on the real held-out rows of that shape. A model is `above` it when its whole 95% interval is
+above, `below` when the whole interval is below, and `straddles` otherwise (no claim either way).
 """
 
 from __future__ import annotations
@@ -107,6 +111,15 @@ def accuracy(model: GridClassifier, pixels: Tensor, labels: Tensor) -> float:
         return float((model(pixels).argmax(-1) == labels).float().mean())
 
 
+def floor_verdict(model_row: dict[str, Any], floor: float) -> str:
+    """'above' / 'below' when the model's whole 95% interval is on that side of the floor, else 'straddles'
+    (one seed gives no interval, so no claim)."""
+    mean, half = model_row["class_acc"], model_row["class_acc_ci95"]
+    if half is None:
+        return "straddles"
+    return "above" if mean - half > floor else "below" if mean + half < floor else "straddles"
+
+
 def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifest, ensemble: Ensemble, n: int,
                      seeds: list[int], others: dict[str, Ensemble] | None = None,
                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -129,40 +142,49 @@ def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifes
                                                                            ensemble.manifest.latent_shape)
     models = {"this run": ensemble, **(others or {})}
     classes = ensemble.classes_for(n, None)
+    chance = 1 / ensemble.num_classes
     rows = []
     for (width, height), (x_held, y_held) in held.items():
+        real = accuracy(classifier, x_held, y_held)
+        floor = chance + (real - chance) / 2  # fixed here, before any sample exists
         row: dict[str, Any] = {"bucket": f"{width}x{height}", "heldout_rows": len(y_held),
                                "train_rows": len(train.get((width, height), (None, []))[1]),
-                               "real_heldout_acc": round(accuracy(classifier, x_held, y_held), 4), "models": {}}
+                               "real_heldout_acc": round(real, 4), "floor": round(floor, 4), "models": {}}
         for name, model in models.items():
             log(f"buckets: sampling {n} x {len(seeds)} seeds at {width}x{height} with {name}")
             per_seed = [accuracy(classifier, model.decode(model.sample(n, config.sampling, classes=classes, seed=s,
                                                                        size=(height // factor, width // factor))) * 2 - 1,
                                  classes) for s in seeds]
             iv = mean_interval(per_seed)
-            row["models"][name] = {"class_acc": round(iv["mean"], 4),
-                                   "class_acc_ci95": None if iv["ci95"] is None else round(iv["ci95"], 4),
-                                   "per_seed": [round(v, 4) for v in per_seed]}
+            cell = {"class_acc": round(iv["mean"], 4),
+                    "class_acc_ci95": None if iv["ci95"] is None else round(iv["ci95"], 4),
+                    "per_seed": [round(v, 4) for v in per_seed]}
+            row["models"][name] = {**cell, "floor_verdict": floor_verdict(cell, floor)}
         rows.append(row)
     return {"run": store.url, "source": dataset.source, "num_samples": n, "seeds": seeds,
-            "sampling": config.sampling.model_dump(mode="json"), "chance_class_acc": round(1 / ensemble.num_classes, 4),
+            "sampling": config.sampling.model_dump(mode="json"), "chance_class_acc": round(chance, 4),
             "reference": "real held-out rows of each bucket under the same classifier (trained on the run's "
-                         "training rows of every bucket)", "shapes": rows}
+                         "training rows of every bucket)",
+            "floor": "per shape, midway between chance and the classifier on that shape's real held-out rows; "
+                     "a model is above / below it when its whole 95% interval is", "shapes": rows}
 
 
 def accuracy_cell(model_row: dict[str, Any]) -> str:
-    """'mean ± half-width', or the mean alone when one seed gave no interval."""
-    iv = model_row["class_acc_ci95"]
-    return f"{model_row['class_acc']:.3f}" + ("" if iv is None else f" ± {iv:.3f}")
+    """'mean ± half-width', or the mean alone when one seed gave no interval; then the floor verdict, if any."""
+    iv, verdict = model_row["class_acc_ci95"], model_row.get("floor_verdict")
+    return (f"{model_row['class_acc']:.3f}" + ("" if iv is None else f" ± {iv:.3f}")
+            + ("" if verdict is None else f" ({verdict})"))
 
 
 def to_markdown(results: dict[str, Any]) -> str:
     names = list(results["shapes"][0]["models"]) if results["shapes"] else []
     lines = [f"Class accuracy per bucket shape ({results['num_samples']} samples x {len(results['seeds'])} seeds, "
-             f"mean ± 95% interval; chance {results['chance_class_acc']:.3g}). Reference: {results['reference']}.", "",
-             "| shape (WxH px) | held-out rows | real held-out | " + " | ".join(names) + " |",
-             "|" + "---|" * (3 + len(names))]
+             f"mean ± 95% interval; chance {results['chance_class_acc']:.3g}). Reference: {results['reference']}. "
+             f"Floor: {results['floor']}.", "",
+             "| shape (WxH px) | held-out rows | real held-out | floor | " + " | ".join(names) + " |",
+             "|" + "---|" * (4 + len(names))]
     for r in results["shapes"]:
         cells = [accuracy_cell(m) for m in r["models"].values()]
-        lines.append(f"| {r['bucket']} | {r['heldout_rows']} | {r['real_heldout_acc']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['bucket']} | {r['heldout_rows']} | {r['real_heldout_acc']:.3f} | {r['floor']:.3f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
