@@ -62,7 +62,7 @@ def test_no_usable_items_is_a_run_failure(tmp_path):
     folder.mkdir()
     for i in range(3):
         (folder / f"bad{i}.png").write_bytes(b"not an image")
-    proc = ddm("run", "--run", str(tmp_path / "run"), "--until", "prepare", "--quiet",
+    proc = ddm("run", "--run", str(tmp_path / "run"), "--until", "prepare", "--quiet", "--set", "prepare.num_workers=1",
                "--set", f"data.source={folder}", "--set", "data.label_source=none", "--set", "clustering.num_experts=1")
     assert_one_line(proc, EXIT_FAILURE, r"none of the 3 discovered items is usable")
 
