@@ -279,7 +279,7 @@ def prepare_data(config: RunConfig, store: RunStore, source_fingerprint: str | N
     if kept:
         log.info("prepare: resuming, %d of %d shards already committed", len(kept), len(kept) + len(pending))
     for part in kept.values():
-        if part.holdout is None:  # from a worker that left its held-out rows to the driver: written here once
+        if part.holdout is None:  # its worker left the held-out rows to the driver: written here, the same bytes on every resume
             part.holdout = driver_holdout(store, part, config.data.holdout_fraction, config.seed)
     pca, pca_info = fit_pca(config, found, buckets)
     parts = dict(kept)

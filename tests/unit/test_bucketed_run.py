@@ -324,6 +324,7 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
     the real held-out rows of each shape correctly, and a compared run is sampled at the same shapes."""
     from orchestrator.cli import main
     from orchestrator.report import _eval
+    from worker.eval_buckets import floor_verdict
 
     run = shutil.copytree(gathered_root, tmp_path / "run")
     other = shutil.copytree(gathered_root, tmp_path / "other")
@@ -337,7 +338,7 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
         assert len(mine["per_seed"]) == 2 and mine["class_acc_ci95"] is not None
         assert mine == same  # the same weights, seeds and shape give the same samples and the same verdicts
         assert r["floor"] == pytest.approx(0.25 + (r["real_heldout_acc"] - 0.25) / 2, abs=1e-4)
-        assert mine["floor_verdict"] in ("above", "below", "straddles")
+        assert mine["floor_verdict"] == floor_verdict(mine, r["floor"])
     assert main(["eval", str(run), "--n", "8", "--seeds", "2"]) == 0
     table = capsys.readouterr().out
     assert "| shape (WxH px) | held-out rows | real held-out | floor | this run |" in table and "| 20x12 |" in table
@@ -347,8 +348,6 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
 
     assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": None}) == "0.500"  # one seed: no interval, not ± 0
     assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": 0.0421}) == "0.500 ± 0.042"
-    from worker.eval_buckets import floor_verdict
-
     assert floor_verdict({"class_acc": 0.8, "class_acc_ci95": 0.05}, 0.6) == "above"
     assert floor_verdict({"class_acc": 0.5, "class_acc_ci95": 0.05}, 0.6) == "below"
     assert floor_verdict({"class_acc": 0.58, "class_acc_ci95": 0.05}, 0.6) == "straddles"
