@@ -8,7 +8,7 @@ bucket shape and judges each sample with one shape-agnostic classifier trained o
 training rows; the reference is that classifier on the real held-out rows of each shape.
 
     python benchmarks/bucket_eval.py --out-dir /tmp/ddm-buckets --results benchmarks/results [--set model.patch_size=2]
-Writes <results>/bucket_eval.json (the whole `ddm eval --json` output plus the commands and wall times) and
+Writes <results>/<name>.json (default bucket_eval.json; the whole `ddm eval --json` output plus the commands and wall times) and
 prints the table. A run that already finished is not retrained.
 """
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out-dir", default="runs/buckets", help="the two run stores (not committed)")
     parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--name", default="bucket_eval", help="the artefact's file name, without .json")
     parser.add_argument("--total-nimg", type=int, default=256_000, help="training images over all experts, each run")
     parser.add_argument("--n", type=int, default=256, help="samples per shape, model and seed")
     parser.add_argument("--seeds", type=int, default=3)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     res = json.loads(ddm(*cmd))
     walls["eval"] = round(time.perf_counter() - t0, 1)
-    (results / "bucket_eval.json").write_text(json.dumps({"commands": commands, "wall_s": walls, **res}, indent=2) + "\n")
+    (results / f"{args.name}.json").write_text(json.dumps({"commands": commands, "wall_s": walls, **res}, indent=2) + "\n")
     sys.path.insert(0, str(ROOT))
     from worker.eval_buckets import to_markdown
 
