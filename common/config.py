@@ -89,9 +89,11 @@ class DataConfig(Strict):
             "builtin:shapes: draw each image at a width / height ratio drawn (seeded) from this list, with about "
             "data.image_size^2 pixels; each is then centre-cropped to the square like a file, or kept at its own "
             "size for prepare to bucket when data.buckets.enabled. None = square images."))
-    shapes_placement: Literal["centre", "anywhere"] = Field("centre", description=(
-        "builtin:shapes: where a shape's centre is drawn: in the middle 30% of each side, or anywhere the whole "
-        "shape fits, so it reaches the ends of wide and tall images (which a centre crop to the square cuts off)."))
+    shapes_placement: Literal["centre", "anywhere", "frame"] = Field("centre", description=(
+        "builtin:shapes: where a shape is drawn: centred in the middle 30% of each side; anywhere the whole "
+        "shape fits, so it reaches the ends of wide and tall images (which a centre crop to the square cuts off); "
+        "or frame: stretched over 75-95% of the image's width and height, like a subject that fills a photograph, "
+        "so a centre crop of a wide or tall image keeps only its middle (a wide ellipse's middle is a band)."))
     buckets: BucketConfig = Field(default_factory=BucketConfig, description=(
         "Aspect-ratio buckets (common/buckets.py); off by default."))
 

@@ -271,8 +271,9 @@ def _shapes(data: DataConfig, seed: int) -> Discovery:
     """Seeded coloured shapes on a dark background, drawn at 4x and downsampled (anti-aliased).
 
     With data.shapes_aspect_ratios each image is width x height = about image_size^2 pixels at a seeded ratio
-    from that list (the shape sized by the short side); it is centre-cropped to the square like a file, or,
-    with data.buckets.enabled, kept at its own size [C, H, W] for prepare to resize to its bucket."""
+    from that list (the shape sized by the short side, or by both sides with data.shapes_placement=frame); it
+    is centre-cropped to the square like a file, or, with data.buckets.enabled, kept at its own size
+    [C, H, W] for prepare to resize to its bucket."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -289,19 +290,23 @@ def _shapes(data: DataConfig, seed: int) -> Discovery:
         img = Image.new("RGB", (sw, sh), tuple(int(v) for v in rng.integers(0, 50, 3)))
         r = min(sw, sh) * rng.uniform(0.2, 0.35)
         u = rng.uniform(0.35, 0.65, 2)
+        rx = ry = r
+        if data.shapes_placement == "frame":  # the same draws: r picks a span of 75-95% of each side
+            span = 0.75 + (r / min(sw, sh) - 0.2) / 0.15 * 0.2
+            rx, ry = span * sw / 2, span * sh / 2
         cx, cy = sw * u[0], sh * u[1]
-        if data.shapes_placement == "anywhere":  # the same draw, stretched to every centre the shape fits at
+        if data.shapes_placement != "centre":  # the same draw, stretched to every centre the shape fits at
             t = (u - 0.35) / 0.3
-            cx, cy = r + t[0] * max(0.0, sw - 2 * r), r + t[1] * max(0.0, sh - 2 * r)
+            cx, cy = rx + t[0] * max(0.0, sw - 2 * rx), ry + t[1] * max(0.0, sh - 2 * ry)
         draw, fill = ImageDraw.Draw(img), COLOURS[colour]
         if SHAPES[shape] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
         elif SHAPES[shape] == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
         elif SHAPES[shape] == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+            draw.polygon([(cx, cy - ry), (cx - rx, cy + ry), (cx + rx, cy + ry)], fill=fill)
         else:
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+            draw.polygon([(cx, cy - ry), (cx + rx, cy), (cx, cy + ry), (cx - rx, cy)], fill=fill)
         small = np.asarray(img.resize((width, height), Image.BOX), dtype=np.float32) / 255.0
         pixels = (to_channels(small, data.channels) if data.shapes_aspect_ratios and data.buckets.enabled
                   else resize_array(small, data.image_size, data.channels))

@@ -60,3 +60,20 @@ def test_anywhere_placement_reaches_the_ends_that_a_centre_crop_cuts_off():
     centre, anywhere = _shapes(**kw), _shapes(**kw, shapes_placement="anywhere")
     assert [(a.label, a.text) for a in centre] == [(b.label, b.text) for b in anywhere]  # the same draws
     assert lost(centre) < 0.02 and lost(anywhere) > 0.25
+
+
+def test_frame_placement_spans_the_drawing_so_a_centre_crop_keeps_only_its_middle():
+    kw = {"shapes_aspect_ratios": [0.5, 1.0, 2.0], "buckets": {"enabled": True}, "gmm_items": 200}
+    centre, frame = _shapes(**kw), _shapes(**kw, shapes_placement="frame")
+    assert [(a.label, a.text) for a in centre] == [(b.label, b.text) for b in frame]  # the same draws
+    lost = []
+    for item in frame:
+        shape = item.array.max(0) > 0.3
+        _, h, w = item.array.shape
+        rows, cols = np.nonzero(shape)
+        # stretched over 75-95% of both sides; a diamond's thin tips fade below the threshold when downsampled
+        assert cols.max() - cols.min() + 1 >= 0.6 * w and rows.max() - rows.min() + 1 >= 0.6 * h, item.source
+        if w > h:
+            a = (w - h) // 2
+            lost.append(1 - shape[:, a:a + h].sum() / shape.sum())
+    assert min(lost) > 0.1 and np.mean(lost) > 0.2  # every wide figure loses its ends to the square crop
