@@ -22,12 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4000)
@@ -43,6 +37,7 @@ def main() -> None:
 
     from common.config import resolve_config
     from worker.eval_buckets import train_grid_classifier
+    from worker.evalmath import wilson_interval
     from worker.flow import cfg_velocity, drop_condition, flow_matching_loss, sample, sample_t
     from worker.models.dit import build_dit
     from worker.sources import discover
@@ -57,7 +52,7 @@ def main() -> None:
     size, channels = config.data.image_size, config.data.channels
     judge = train_grid_classifier({(size, size): (x, y)}, classes, seed=0)
     real = int((judge(x_held).argmax(-1) == y_held).sum())
-    low, high = wilson(real, 256)
+    low, high = wilson_interval(real, 256)
     print(f"classifier on 256 real held-out images: {real / 256:.3f} [{low:.3f}, {high:.3f}]")
 
     torch.manual_seed(config.seed)
@@ -72,7 +67,7 @@ def main() -> None:
         out = sample(lambda z, t: cfg_velocity(ema, z, t, want, torch.full_like(want, classes), scale),
                      torch.randn(256, channels, size, size), 32)
         k = int((judge(out.clamp(-1, 1)).argmax(-1) == want).sum())
-        low, high = wilson(k, 256)
+        low, high = wilson_interval(k, 256)
         return f"CFG {scale:g}: {k / 256:.3f} [{low:.3f}, {high:.3f}]"
 
     train_seconds = 0.0

@@ -12,8 +12,9 @@ run (buckets off) on the same source shows what training on centre-cropped squar
 shapes.
 
 Each shape also gets a floor, fixed before any model is sampled: midway between chance and the classifier's
-accuracy on the real held-out rows of that shape. A model is `above` it when its whole 95% interval is
-above, `below` when the whole interval is below, and `straddles` otherwise (no claim either way).
+accuracy on the real held-out rows of that shape. A model is `above` it when its whole 95% interval over
+seeds and the Wilson interval of its samples pooled are above, `below` when both are below, and
+`straddles` otherwise (no claim either way).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common.config import RunConfig
 from common.manifests import DatasetManifest, ShardRef
 from common.storage import RunStore, sha256_bytes
 from worker.ensemble import Ensemble, pixel_factor
-from worker.evalmath import mean_interval
+from worker.evalmath import mean_interval, wilson_interval
 
 Shape = tuple[int, int]  # (width, height) in pixels, as data.buckets names a bucket
 
@@ -112,12 +113,18 @@ def accuracy(model: GridClassifier, pixels: Tensor, labels: Tensor) -> float:
 
 
 def floor_verdict(model_row: dict[str, Any], floor: float) -> str:
-    """'above' / 'below' when the model's whole 95% interval is on that side of the floor, else 'straddles'
-    (one seed gives no interval, so no claim)."""
+    """'above' / 'below' when the model's whole 95% interval over seeds, and the pooled binomial interval
+    where recorded, are on that side of the floor, else 'straddles' (one seed gives no interval, so no
+    claim). The pooled interval keeps a verdict honest when every seed scores the same (a t-interval of 0)."""
     mean, half = model_row["class_acc"], model_row["class_acc_ci95"]
+    low, high = model_row.get("pooled_wilson95") or (0.0, 1.0)
     if half is None:
         return "straddles"
-    return "above" if mean - half > floor else "below" if mean + half < floor else "straddles"
+    if mean - half > floor and (low > floor or "pooled_wilson95" not in model_row):
+        return "above"
+    if mean + half < floor and (high < floor or "pooled_wilson95" not in model_row):
+        return "below"
+    return "straddles"
 
 
 def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifest, ensemble: Ensemble, n: int,
@@ -156,9 +163,11 @@ def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifes
                                                                        size=(height // factor, width // factor))) * 2 - 1,
                                  classes) for s in seeds]
             iv = mean_interval(per_seed)
+            correct = sum(round(acc * len(classes)) for acc in per_seed)
             cell = {"class_acc": round(iv["mean"], 4),
                     "class_acc_ci95": None if iv["ci95"] is None else round(iv["ci95"], 4),
-                    "per_seed": [round(v, 4) for v in per_seed]}
+                    "per_seed": [round(v, 4) for v in per_seed],
+                    "pooled_wilson95": [round(b, 4) for b in wilson_interval(correct, len(classes) * len(seeds))]}
             row["models"][name] = {**cell, "floor_verdict": floor_verdict(cell, floor)}
         rows.append(row)
     return {"run": store.url, "source": dataset.source, "num_samples": n, "seeds": seeds,
@@ -166,13 +175,16 @@ def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifes
             "reference": "real held-out rows of each bucket under the same classifier (trained on the run's "
                          "training rows of every bucket)",
             "floor": "per shape, midway between chance and the classifier on that shape's real held-out rows; "
-                     "a model is above / below it when its whole 95% interval is", "shapes": rows}
+                     "a model is above / below it when its whole 95% interval over seeds and the Wilson interval of "
+                     "its samples pooled are", "shapes": rows}
 
 
 def accuracy_cell(model_row: dict[str, Any]) -> str:
-    """'mean ± half-width', or the mean alone when one seed gave no interval; then the floor verdict, if any."""
-    iv, verdict = model_row["class_acc_ci95"], model_row.get("floor_verdict")
+    """'mean ± half-width', or the mean alone when one seed gave no interval; the pooled binomial interval
+    when the seeds agree exactly (a half-width of 0 says nothing); then the floor verdict, if any."""
+    iv, verdict, pooled = model_row["class_acc_ci95"], model_row.get("floor_verdict"), model_row.get("pooled_wilson95")
     return (f"{model_row['class_acc']:.3f}" + ("" if iv is None else f" ± {iv:.3f}")
+            + (f", pooled [{pooled[0]:.3f}, {pooled[1]:.3f}]" if pooled and iv == 0 else "")
             + ("" if verdict is None else f" ({verdict})"))
 
 

@@ -139,6 +139,15 @@ def mean_interval(values: list[float], level: float = 0.95) -> dict[str, float |
     return {"mean": mean, "ci95": half, "values": v.tolist()}
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: unlike p +- z sqrt(p(1-p)/n), it keeps a width when
+    every trial (or none) succeeds, e.g. 384 of 384 gives [0.990, 1]."""
+    p, zz = successes / trials, z * z / trials
+    centre = (p + zz / 2) / (1 + zz)
+    half = z * np.sqrt(p * (1 - p) / trials + zz / (4 * trials)) / (1 + zz)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def reference_frechet(pool: np.ndarray, target: np.ndarray, n: int, draws: int = 20,
                       seed: int = 0) -> dict[str, float | int]:
     """Fréchet distance a perfect generator would score: `draws` random sets of n real rows from `pool`

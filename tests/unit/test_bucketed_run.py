@@ -339,6 +339,8 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
         assert mine == same  # the same weights, seeds and shape give the same samples and the same verdicts
         assert r["floor"] == pytest.approx(0.25 + (r["real_heldout_acc"] - 0.25) / 2, abs=1e-4)
         assert mine["floor_verdict"] == floor_verdict(mine, r["floor"])
+        low, high = mine["pooled_wilson95"]  # all 60 samples pooled: an interval even when both seeds agree
+        assert low <= mine["class_acc"] <= high and high - low > 0.05
     assert main(["eval", str(run), "--n", "8", "--seeds", "2"]) == 0
     table = capsys.readouterr().out
     assert "| shape (WxH px) | held-out rows | real held-out | floor | this run |" in table and "| 20x12 |" in table
@@ -354,6 +356,20 @@ def test_ddm_eval_judges_a_bucketed_run_per_shape_and_compares_another_run(gathe
     assert floor_verdict({"class_acc": 0.9, "class_acc_ci95": None}, 0.6) == "straddles"  # one seed: no claim
     assert main(["eval", str(run), "--compare", "nameless"]) == 2
     assert "--compare 'nameless': expected NAME=RUN" in capsys.readouterr().err
+
+
+def test_seeds_that_agree_exactly_still_get_an_interval_before_a_floor_verdict():
+    from worker.eval_buckets import accuracy_cell, floor_verdict
+    from worker.evalmath import wilson_interval
+
+    assert wilson_interval(384, 384)[0] == pytest.approx(0.9901, abs=1e-4) and wilson_interval(0, 10)[0] == 0.0
+    perfect = {"class_acc": 1.0, "class_acc_ci95": 0.0, "pooled_wilson95": [0.9901, 1.0]}
+    assert accuracy_cell(perfect) == "1.000 ± 0.000, pooled [0.990, 1.000]"
+    assert floor_verdict(perfect, 0.625) == "above" and floor_verdict(perfect, 0.995) == "straddles"
+    # few samples per seed that happen to agree: the seeds' t-interval says above, the pooled one does not
+    lucky = {"class_acc": 0.8, "class_acc_ci95": 0.0, "pooled_wilson95": list(wilson_interval(8, 10))}
+    assert floor_verdict(lucky, 0.6) == "straddles"
+    assert floor_verdict({"class_acc": 0.3, "class_acc_ci95": 0.0, "pooled_wilson95": [0.2, 0.4]}, 0.6) == "below"
 
 
 def test_unbucketed_records_serialise_as_before_and_a_bad_bucket_is_refused():
