@@ -93,7 +93,7 @@ class DataConfig(Strict):
         "builtin:shapes: where a shape is drawn: centred in the middle 30% of each side; anywhere the whole "
         "shape fits, so it reaches the ends of wide and tall images (which a centre crop to the square cuts off); "
         "or frame: stretched over 75-95% of the image's width and height, like a subject that fills a photograph, "
-        "so a centre crop of a wide or tall image keeps only its middle (a wide ellipse's middle is a band)."))
+        "so a centre crop of a wide or tall image loses the figure's ends (a wide ellipse's middle is a band)."))
     buckets: BucketConfig = Field(default_factory=BucketConfig, description=(
         "Aspect-ratio buckets (common/buckets.py); off by default."))
 

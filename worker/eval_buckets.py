@@ -114,8 +114,9 @@ def accuracy(model: GridClassifier, pixels: Tensor, labels: Tensor) -> float:
 
 def floor_verdict(model_row: dict[str, Any], floor: float) -> str:
     """'above' / 'below' when the model's whole 95% interval over seeds, and the pooled binomial interval
-    where recorded, are on that side of the floor, else 'straddles' (one seed gives no interval, so no
-    claim). The pooled interval keeps a verdict honest when every seed scores the same (a t-interval of 0)."""
+    where recorded, are on that side of the floor, else 'straddles'. One seed gives no interval over seeds,
+    so no claim however tight its pooled interval; the pooled interval keeps a verdict honest when every
+    seed scores the same (a t-interval of 0)."""
     mean, half = model_row["class_acc"], model_row["class_acc_ci95"]
     low, high = model_row.get("pooled_wilson95") or (0.0, 1.0)
     if half is None:
@@ -181,10 +182,10 @@ def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifes
 
 def accuracy_cell(model_row: dict[str, Any]) -> str:
     """'mean ± half-width', or the mean alone when one seed gave no interval; the pooled binomial interval
-    when the seeds agree exactly (a half-width of 0 says nothing); then the floor verdict, if any."""
+    where recorded (the verdict needs both); then the floor verdict, if any."""
     iv, verdict, pooled = model_row["class_acc_ci95"], model_row.get("floor_verdict"), model_row.get("pooled_wilson95")
     return (f"{model_row['class_acc']:.3f}" + ("" if iv is None else f" ± {iv:.3f}")
-            + (f", pooled [{pooled[0]:.3f}, {pooled[1]:.3f}]" if pooled and iv == 0 else "")
+            + (f", pooled [{pooled[0]:.3f}, {pooled[1]:.3f}]" if pooled else "")
             + ("" if verdict is None else f" ({verdict})"))
 
 

@@ -362,13 +362,13 @@ def test_seeds_that_agree_exactly_still_get_an_interval_before_a_floor_verdict()
     from worker.eval_buckets import accuracy_cell, floor_verdict
     from worker.evalmath import wilson_interval
 
-    assert wilson_interval(384, 384)[0] == pytest.approx(0.9901, abs=1e-4) and wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(384, 384)[0] == pytest.approx(0.9901, abs=1e-4) and wilson_interval(0, 10)[0] == pytest.approx(0, abs=1e-12)
     perfect = {"class_acc": 1.0, "class_acc_ci95": 0.0, "pooled_wilson95": [0.9901, 1.0]}
     assert accuracy_cell(perfect) == "1.000 ± 0.000, pooled [0.990, 1.000]"
     assert floor_verdict(perfect, 0.625) == "above" and floor_verdict(perfect, 0.995) == "straddles"
     # few samples per seed that happen to agree: the seeds' t-interval says above, the pooled one does not
     lucky = {"class_acc": 0.8, "class_acc_ci95": 0.0, "pooled_wilson95": list(wilson_interval(8, 10))}
-    assert floor_verdict(lucky, 0.6) == "straddles"
+    assert floor_verdict(lucky, 0.6) == "straddles" and accuracy_cell(lucky).endswith(", pooled [0.490, 0.943]")
     assert floor_verdict({"class_acc": 0.3, "class_acc_ci95": 0.0, "pooled_wilson95": [0.2, 0.4]}, 0.6) == "below"
 
 
