@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 from paper_tables import ddm  # noqa: E402 - the one CLI runner of the benchmark scripts
 
 RATIOS = "data.shapes_aspect_ratios=[0.5,1,2]"
@@ -31,14 +32,12 @@ RATIOS = "data.shapes_aspect_ratios=[0.5,1,2]"
 def run_wall_s(run: Path) -> float:
     """Prepare's start to gather's end, from the run's own stage records: the same figure when a finished
     run is evaluated again (a rerun of this script trains nothing and takes seconds)."""
-    sys.path.insert(0, str(ROOT))
     from common.manifests import StageRecord
     from common.storage import RunStore
 
     store = RunStore(str(run))
-    records = [store.read_record(f"stages/{stage}.json", StageRecord) for stage in ("prepare", "gather")]
-    start, end = (datetime.fromisoformat(r.started_at if i == 0 else r.finished_at) for i, r in enumerate(records))
-    return round((end - start).total_seconds(), 1)
+    prepare, gather = (store.read_record(f"stages/{stage}.json", StageRecord) for stage in ("prepare", "gather"))
+    return round((datetime.fromisoformat(gather.finished_at) - datetime.fromisoformat(prepare.started_at)).total_seconds(), 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     res = json.loads(ddm(*cmd))
     walls["eval"] = round(time.perf_counter() - t0, 1)
     (results / f"{args.name}.json").write_text(json.dumps({"commands": commands, "wall_s": walls, **res}, indent=2) + "\n")
-    sys.path.insert(0, str(ROOT))
     from worker.eval_buckets import to_markdown
 
     print(f"wall (s): {walls} (each run from prepare's start to gather's end, from its stage records)")

@@ -118,14 +118,11 @@ def floor_verdict(model_row: dict[str, Any], floor: float) -> str:
     so no claim however tight its pooled interval; the pooled interval keeps a verdict honest when every
     seed scores the same (a t-interval of 0)."""
     mean, half = model_row["class_acc"], model_row["class_acc_ci95"]
-    low, high = model_row.get("pooled_wilson95") or (0.0, 1.0)
     if half is None:
         return "straddles"
-    if mean - half > floor and (low > floor or "pooled_wilson95" not in model_row):
-        return "above"
-    if mean + half < floor and (high < floor or "pooled_wilson95" not in model_row):
-        return "below"
-    return "straddles"
+    low, high = model_row.get("pooled_wilson95") or (mean - half, mean + half)
+    lowest, highest = min(mean - half, low), max(mean + half, high)
+    return "above" if lowest > floor else "below" if highest < floor else "straddles"
 
 
 def evaluate_buckets(store: RunStore, config: RunConfig, dataset: DatasetManifest, ensemble: Ensemble, n: int,

@@ -131,3 +131,25 @@ def test_router_buckets_include_where_sampling_starts():
     assert m["acc_t0.95-1.00"] == 0.5 and m["acc_t0.00-0.20"] == 1.0
     # perfectly calibrated: confidence 0.5, half right -> ECE 0
     assert expected_calibration_error(torch.tensor([1.0, 0.0]), torch.tensor([0.55, 0.55])) == pytest.approx(0.05)
+
+
+def test_bucket_floor_verdicts_need_the_seeds_interval_and_the_pooled_one_clear_of_the_floor():
+    """Seeds that agree exactly give a t-interval of 0; the pooled Wilson interval still has a width."""
+    from worker.eval_buckets import accuracy_cell, floor_verdict
+    from worker.evalmath import wilson_interval
+
+    assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": None}) == "0.500"  # one seed: no interval, not ± 0
+    assert accuracy_cell({"class_acc": 0.5, "class_acc_ci95": 0.0421}) == "0.500 ± 0.042"
+    assert floor_verdict({"class_acc": 0.8, "class_acc_ci95": 0.05}, 0.6) == "above"
+    assert floor_verdict({"class_acc": 0.5, "class_acc_ci95": 0.05}, 0.6) == "below"
+    assert floor_verdict({"class_acc": 0.58, "class_acc_ci95": 0.05}, 0.6) == "straddles"
+    assert floor_verdict({"class_acc": 0.9, "class_acc_ci95": None}, 0.6) == "straddles"  # one seed: no claim
+
+    assert wilson_interval(384, 384)[0] == pytest.approx(0.9901, abs=1e-4) and wilson_interval(0, 10)[0] == pytest.approx(0, abs=1e-12)
+    perfect = {"class_acc": 1.0, "class_acc_ci95": 0.0, "pooled_wilson95": [0.9901, 1.0]}
+    assert accuracy_cell(perfect) == "1.000 ± 0.000, pooled [0.990, 1.000]"
+    assert floor_verdict(perfect, 0.625) == "above" and floor_verdict(perfect, 0.995) == "straddles"
+    # few samples per seed that happen to agree: the seeds' t-interval says above, the pooled one does not
+    lucky = {"class_acc": 0.8, "class_acc_ci95": 0.0, "pooled_wilson95": list(wilson_interval(8, 10))}
+    assert floor_verdict(lucky, 0.6) == "straddles" and accuracy_cell(lucky).endswith(", pooled [0.490, 0.943]")
+    assert floor_verdict({"class_acc": 0.3, "class_acc_ci95": 0.0, "pooled_wilson95": [0.2, 0.4]}, 0.6) == "below"
